@@ -1,0 +1,49 @@
+# make demo | make test | make bench — each creates .venv when missing and installs into it once
+# (a stamp file remembers; editing pyproject.toml re-installs).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.foundation-installed
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+DEMO_DATA := data/fashion-mnist
+
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export WANDB_SILENT := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test bench install fmnist-files clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# Fashion-MNIST's IDX files from the Debian package when we may install it; otherwise
+# `foundation data fashion-mnist` downloads them from the dataset's canonical location.
+fmnist-files:
+	@if [ ! -f $(FMNIST_SYSTEM)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
+
+$(DEMO_DATA)/manifest.json: | $(STAMP) fmnist-files
+	$(VENV)/bin/foundation data fashion-mnist --out $(DEMO_DATA) --captions --overwrite
+
+demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
+	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/classification/resnet18_fmnist.yaml
+	$(VENV)/bin/foundation eval classification --checkpoint runs/resnet18_fmnist --data $(DEMO_DATA) \
+		--out runs/resnet18_fmnist/eval/classification.json
+	@echo "run directory: runs/resnet18_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
+	@echo "report: runs/resnet18_fmnist/eval/classification.json"
+
+test: $(STAMP) fmnist-files
+	$(PY) -m pytest tests
+
+bench: $(STAMP) fmnist-files
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,128 @@
+"""Engine overhead: the training engine's step time vs a bare hand-written torch loop.
+
+Same model, batch, optimizer (AdamW + clipping) and in-memory batches; rounds alternate engine / bare;
+the figure per round is the median time between consecutive batch fetches (so set-up, evaluation and
+the final checkpoint are not counted). Prints one JSON line last: ratio = engine / bare (goal <= 1.05).
+
+    .venv/bin/python benchmarks/engine_overhead.py [--steps 30] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+import foundation.train as train_mod
+from foundation.config import validate
+from foundation.tasks import TASKS
+from foundation.train import build_optimizer
+
+MODELS = {
+    "resnet18": {"backbone": "resnet18", "num_classes": 10},
+    "vit_tiny": {"backbone": "vit_tiny_patch16_224", "num_classes": 10, "img_size": 32, "patch_size": 4},
+}
+
+
+class MemoryLoader:
+    """The reader's interface over tensors already in memory; records when each batch is taken."""
+
+    def __init__(self, batches: list[dict], stamps: list[float]):
+        self.batches, self.stamps = batches, stamps
+        self.skipped, self.epoch_samples = 0, None
+
+    def __iter__(self):
+        i = 0
+        while True:
+            self.stamps.append(time.perf_counter())
+            yield self.batches[i % len(self.batches)]
+            i += 1
+
+    def position(self) -> dict:
+        return {}
+
+    def pop_skip_reports(self) -> list[str]:
+        return []
+
+
+def make_batches(batch_size: int, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(batch_size, 3, 32, 32, generator=g),
+             "label": torch.randint(0, 10, (batch_size,), generator=g)} for _ in range(n)]
+
+
+def recipe_for(model: str, steps: int, batch_size: int, out: str):
+    return validate({
+        "name": f"bench_{model}", "output_dir": out,
+        "model": MODELS[model], "data": {"image_size": 32, "in_chans": 3},
+        "optim": {"lr": 1e-3, "warmup_steps": 5}, "train": {"steps": steps, "batch_size": batch_size,
+        "log_every": 10, "resume": "none", "evals": []}, "logging": {"wandb": "disabled", "progress": False},
+    })
+
+
+def step_time(stamps: list[float]) -> float:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps[2:])  # the first steps warm up allocators
+
+
+def run_engine(model: str, steps: int, batch_size: int, batches: list[dict]) -> float:
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        train_mod.build_train_loader = lambda *a, **k: MemoryLoader(batches, stamps)
+        train_mod.train(recipe_for(model, steps, batch_size, out))
+    return step_time(stamps[:steps])
+
+
+def run_bare(model: str, steps: int, batch_size: int, batches: list[dict]) -> float:
+    recipe = recipe_for(model, steps, batch_size, "/tmp")
+    torch.manual_seed(0)
+    task = TASKS["classification"].build(recipe.model, recipe.task, recipe.data)
+    opt = build_optimizer(task, recipe.optim)
+    stamps: list[float] = []
+    task.train()
+    for i in range(steps):
+        stamps.append(time.perf_counter())
+        batch = batches[i % len(batches)]
+        loss = task(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step_time(stamps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    batches = make_batches(args.batch_size)
+    results = {}
+    for model in MODELS:
+        engine, bare = [], []
+        for _ in range(args.rounds):  # alternate, so drifts of a shared machine hit both
+            engine.append(run_engine(model, args.steps, args.batch_size, batches))
+            bare.append(run_bare(model, args.steps, args.batch_size, batches))
+        e, b = statistics.median(engine), statistics.median(bare)
+        results[model] = {"engine_step_ms": round(e * 1e3, 3), "bare_step_ms": round(b * 1e3, 3),
+                          "ratio": round(e / b, 4)}
+        print(f"{model}: engine {e * 1e3:.2f} ms/step, bare {b * 1e3:.2f} ms/step, ratio {e / b:.3f}", flush=True)
+    ratio = max(r["ratio"] for r in results.values())
+    print(json.dumps({
+        "bench": "engine_overhead", "ratio": ratio, "goal": 1.05, "models": results,
+        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    }))
+
+
+if __name__ == "__main__":
+    main()

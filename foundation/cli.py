@@ -1,0 +1,128 @@
+"""The ``foundation`` command: recipes | train | data | eval | quantize | demo.
+
+Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
+and exit with code 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from foundation.config import RecipeError
+    from foundation.data import DataError
+    from foundation.engine.checkpoint import CheckpointError
+
+    return RecipeError, DataError, CheckpointError, FileNotFoundError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from foundation.config import load_recipe
+    from foundation.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = train(recipe)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_recipes_check(args: argparse.Namespace) -> int:
+    from foundation.config import RecipeError, load_recipe
+
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        paths.extend(sorted(p.rglob("*.yaml")) if p.is_dir() else [p])
+    failed = 0
+    for path in paths:
+        try:
+            load_recipe(path)
+            print(f"ok    {path}")
+        except RecipeError as e:
+            failed += 1
+            print(f"FAIL  {e}")
+    print(f"{len(paths) - failed} valid, {failed} invalid")
+    return 2 if failed else 0
+
+
+def cmd_eval_classification(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.classification import evaluate_classification
+    from foundation.data.shards import build_eval_loader
+    from foundation.engine.checkpoint import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, recipe = load_model(args.checkpoint, device)
+    loader = build_eval_loader(args.data, recipe.data, batch_size=args.batch_size, split=args.split)
+    result = {"checkpoint": str(args.checkpoint), "data": args.data,
+              **evaluate_classification(model, loader, device), "skipped": getattr(loader, "skipped", 0)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe (plain, under torchrun, or under deepspeed)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="work with recipe files")
+    rsub = p.add_subparsers(dest="recipes_command", required=True)
+    c = rsub.add_parser("check", help="validate recipe files (or directories of them) without running")
+    c.add_argument("paths", nargs="+")
+    c.set_defaults(func=cmd_recipes_check)
+
+    from foundation.data.cli import add_cli as add_data_cli
+
+    add_data_cli(sub)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    c = esub.add_parser("classification", help="top-1/top-5 on classification shards")
+    c.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
+    c.add_argument("--data", required=True, help="shards: brace pattern, directory or manifest.json")
+    c.add_argument("--split", default="val")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--out", help="also write the JSON result here")
+    c.set_defaults(func=cmd_eval_classification)
+    for module in _optional_modules("evaluation.robustness", "evaluation.sysnoise"):
+        module.add_cli(esub)
+    for module in _optional_modules("foundation.quant.cli"):
+        module.add_cli(sub)
+    return parser
+
+
+def _optional_modules(*names: str):
+    import importlib
+
+    for name in names:
+        try:
+            yield importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

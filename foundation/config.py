@@ -1,0 +1,318 @@
+"""Recipe schema: YAML validated into typed pydantic models.
+
+A recipe is one YAML file. It may name a ``base:`` recipe (one level, path relative to the file) whose
+values it overrides section by section. Command-line overrides are dotted ``key=value`` pairs whose
+values are parsed as YAML (``optim.lr=3e-4``, ``data.weights=[1,2]``).
+
+Every mistake fails at load, before any work starts, with the key path, the allowed values and a
+close-match suggestion: ``RecipeError`` (the CLI turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded; the message names the key path and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    """Training-time image augmentation, passed to ``timm.data.create_transform``."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float | None = None
+    auto_augment: str | None = None  # timm policy string, e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
+    interpolation: str = "bicubic"
+    re_prob: float = 0.0  # random erasing probability
+    crop_pct: float = 1.0  # evaluation: resize to size / crop_pct, then centre crop
+
+
+class DataConfig(Section):
+    """Where samples come from and how they become tensors.
+
+    ``train`` and ``val`` take a brace pattern (``data/x/train-{000000..000009}.tar``), a directory of
+    ``.tar`` shards, or a ``manifest.json`` (then ``train``/``val`` splits are looked up in it). Several
+    sources are joined with ``::`` and mixed by ``weights`` (one per source).
+    """
+
+    train: str | None = None
+    val: str | None = None
+    weights: list[float] | None = None
+    image_size: int = Field(224, gt=0)
+    in_chans: Literal[1, 3] = 3  # images are converted to L (1) or RGB (3)
+    mean: tuple[float, ...] | None = None  # None: ImageNet statistics
+    std: tuple[float, ...] | None = None
+    image_key: str = "jpg;jpeg;png;webp"  # webdataset extensions, first match wins
+    label_key: str = "cls"
+    text_key: str = "txt"
+    shuffle_buffer: int = Field(1000, ge=0)
+    workers: int = Field(2, ge=0)
+    epoch_samples: int | None = Field(None, gt=0)  # samples per epoch, for reporting; None: manifest count
+    two_view: bool = False  # two independently augmented views per image (self-supervised tasks)
+    # what batches carry besides images ("label" from label_key, "text" from text_key); a sample lacking
+    # one is skipped as bad input. None: what every source has (its manifest's keys, else its first samples)
+    targets: list[Literal["label", "text"]] | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _weights_match_sources(self) -> DataConfig:
+        if self.weights is not None and self.train is not None:
+            n = len(self.train.split("::"))
+            if len(self.weights) != n:
+                raise ValueError(f"data.weights has {len(self.weights)} entries but data.train names {n} sources")
+        return self
+
+
+class ModelConfig(Section):
+    """The network, created by name through timm's registry (our own models register there too)."""
+
+    backbone: str = "resnet18"
+    num_classes: int = Field(10, ge=0)
+    img_size: int | None = None  # for ViT-style models; None keeps the model's default
+    patch_size: int | None = None
+    in_chans: int | None = None  # None: data.in_chans
+    drop_path_rate: float = 0.0
+    kwargs: dict[str, Any] = {}  # further keyword arguments for timm.create_model
+
+
+class TaskConfig(Section):
+    """What is optimised. ``name`` is a key of ``foundation.tasks.TASKS``."""
+
+    name: str = "classification"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
+    cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from foundation.tasks import TASKS
+
+        return _check_choice(name, TASKS)
+
+
+class OptimConfig(Section):
+    """AdamW with warm-up and a cosine decay (timm's scheduler). Norms, biases and temperatures get no decay."""
+
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = Field(0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TrainConfig(Section):
+    """The loop: how long, how big, how often to evaluate and save."""
+
+    steps: int = Field(100, gt=0)  # optimizer steps
+    batch_size: int = Field(64, gt=0)  # per rank, per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # None: only at the end
+    evals: list[str] = ["classification"]  # keys of evaluation.EVALS, run on data.val
+    eval_batches: int | None = Field(None, gt=0)  # cap per evaluation during training; None: whole split
+    save_every: int | None = Field(None, gt=0)  # None: only at the end
+    keep_last: int = Field(3, ge=1)
+    resume: str = "auto"  # auto | none | PATH to a checkpoint directory
+    nan_patience: int = Field(5, ge=1)  # stop after this many non-finite steps in a row
+    compile: bool = False  # torch.compile the task
+
+    @field_validator("evals")
+    @classmethod
+    def _known_evals(cls, names: list[str]) -> list[str]:
+        from evaluation import EVALS
+
+        return [_check_choice(name, EVALS) for name in names]
+
+
+class ParallelConfig(Section):
+    """How the task is spread over processes. ``auto``: DeepSpeed when a config is given, DDP when
+    launched with several processes, else a single process."""
+
+    backend: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    deepspeed_config: str | None = None  # JSON file; its values win over the ones derived from the recipe
+    find_unused_parameters: bool = False
+
+
+class LoggingConfig(Section):
+    """Tracking: W&B (online when logged in, else offline), metrics.jsonl and the console."""
+
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "foundation"
+    entity: str | None = None
+    tags: list[str] = []
+    progress: bool = True  # progress bar on rank 0
+
+
+class Recipe(Section):
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _check_choice(name: str, choices: dict | list) -> str:
+    if name not in choices:
+        raise ValueError(f"unknown name {name!r}{_suggest(name, choices)}; choose from {sorted(choices)}")
+    return name
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _section_model(path: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``path`` (None when it is a free-form dict)."""
+    model: type[BaseModel] = Recipe
+    for key in path:
+        field = model.model_fields.get(key)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def apply_override(data: dict, dotted: str) -> dict:
+    """Set ``a.b.c=value`` in a raw recipe dict; the key path must exist in the schema."""
+    if "=" not in dotted:
+        raise RecipeError(f"override {dotted!r}: expected key=value, e.g. optim.lr=3e-4")
+    key, _, raw = dotted.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {dotted!r}: value is not valid YAML: {e}") from None
+    node = data
+    for i, part in enumerate(parts):
+        owner = _section_model(parts[:i])
+        if owner is not None and part not in owner.model_fields:
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(
+                f"override {where}: no such key{_suggest(part, owner.model_fields)}; "
+                f"valid keys here: {sorted(owner.model_fields)}"
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            owner = _section_model([str(p) for p in e["loc"][:-1]])
+            valid = sorted(owner.model_fields) if owner else []
+            lines.append(f"  {path}: unknown key{_suggest(e['loc'][-1], valid)}; valid keys here: {valid}")
+        elif e["type"] == "literal_error":
+            lines.append(f"  {path}: {e['msg']} (got {e['input']!r}){_suggest(e['input'], _literal_choices(e))}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            lines.append(f"  {path}: {msg}{got}" if path else f"  {msg}")
+    return "\n".join(lines)
+
+
+def _literal_choices(e: dict) -> list[str]:
+    expected = (e.get("ctx") or {}).get("expected", "")
+    return [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip(" '")]
+
+
+def load_raw(path: str | Path) -> dict:
+    """The recipe file merged over its ``base:`` (one level)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base_data = _read_yaml(base_path)
+        if "base" in base_data:
+            raise RecipeError(f"{base_path}: a base recipe cannot itself have a base (one level only)")
+        data = _merge(base_data, data)
+    return data
+
+
+def validate(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge ``base:``, apply dotted overrides and validate."""
+    data = load_raw(path)
+    for o in overrides:
+        data = apply_override(data, o)
+    return validate(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written to the run directory and to W&B)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

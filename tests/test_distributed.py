@@ -1,0 +1,82 @@
+"""Two processes on CPU (gloo): DDP under torchrun, DeepSpeed ZeRO-2 under torchrun and under the
+deepspeed launcher. Loss falls and both ranks end with identical parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, read_metrics, tiny_recipe, write_recipe
+
+TORCHRUN = str(Path(PYTHON).parent / "torchrun")
+DEEPSPEED = str(Path(PYTHON).parent / "deepspeed")
+
+
+def launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    return out
+
+
+def summaries(prefix: Path) -> list[dict]:
+    return [json.loads((prefix.parent / f"{prefix.name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_learned_and_agree(run_dir: Path, prefix: Path, steps: int) -> None:
+    metrics = read_metrics(run_dir)
+    first = sum(metrics[s]["train/loss"] for s in (1, 2, 3)) / 3
+    last = sum(metrics[s]["train/loss"] for s in (steps - 2, steps - 1, steps)) / 3
+    assert last < first - 0.2, (first, last)
+    s0, s1 = summaries(prefix)
+    assert s0["weights_sha256"] == s1["weights_sha256"]
+    assert s0["ranks_agree"] and s1["ranks_agree"]
+
+
+def driver_cmd(recipe: Path, prefix: Path, *overrides: str) -> list[str]:
+    return [str(REPO / "tests" / "train_driver.py"), str(recipe), *overrides, "--summary-out", str(prefix)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(digits_shards, tmp_path):
+    steps = 30
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "ddp", train={"steps": steps, "eval_every": 30}))
+    prefix = tmp_path / "summary"
+    launch([TORCHRUN, "--standalone", "--nproc_per_node=2", *driver_cmd(recipe, prefix)], tmp_path)
+    assert_learned_and_agree(tmp_path / "ddp", prefix, steps)
+    s0, _ = summaries(prefix)
+    assert s0["eval/classification/samples"] == 64  # 2 eval batches of 16 on each of 2 ranks
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_under_torchrun(digits_shards, tmp_path):
+    steps = 30
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "ds", train={"steps": steps}))
+    prefix = tmp_path / "summary"
+    launch([TORCHRUN, "--standalone", "--nproc_per_node=2",
+            *driver_cmd(recipe, prefix, "parallel.backend=deepspeed", "parallel.zero_stage=2")], tmp_path)
+    assert_learned_and_agree(tmp_path / "ds", prefix, steps)
+    ckpt = tmp_path / "ds" / "checkpoints" / f"step_{steps}"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "deepspeed").is_dir()
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_zero3_config_file_and_resume(digits_shards, tmp_path):
+    """launch/deepspeed.sh's way: the deepspeed launcher with a ZeRO JSON; then resume from its checkpoint."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "ds3", train={"steps": 6, "save_every": 3}))
+    prefix = tmp_path / "summary"
+    base = [DEEPSPEED, "--num_gpus", "2", "--no_local_rank", *driver_cmd(
+        recipe, prefix, "parallel.backend=deepspeed", f"parallel.deepspeed_config={REPO}/launch/ds_configs/zero3.json")]
+    launch(base, tmp_path)
+    s0, s1 = summaries(prefix)
+    assert s0["weights_sha256"] == s1["weights_sha256"]
+    shutil.rmtree(tmp_path / "ds3" / "checkpoints" / "step_6")
+    out = launch(base, tmp_path)  # resume: auto picks step_3
+    assert "resumed from" in out.stderr + out.stdout
+    assert summaries(prefix)[0]["steps_this_run"] == 3
