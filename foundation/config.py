@@ -77,6 +77,29 @@ class DataConfig(Section):
         return self
 
 
+class TextTowerConfig(Section):
+    """The text tower of a dual encoder: open_clip's text transformer, from an open_clip model config
+    and/or by dimensions (a dimension set here overrides the named config's; unset and no name: CLIP's)."""
+
+    open_clip: str | None = None  # an open_clip model config name (e.g. "ViT-B-32") whose text_cfg is used
+    context_length: int | None = Field(None, gt=2)  # tokens per caption, SOT and EOT included (CLIP: 77)
+    width: int | None = Field(None, gt=0)  # CLIP: 512
+    heads: int | None = Field(None, gt=0)  # CLIP: 8
+    layers: int | None = Field(None, gt=0)  # CLIP: 12
+    mlp_ratio: float | None = Field(None, gt=0)  # CLIP: 4.0
+
+
+class DualEncoderConfig(Section):
+    """Vision-language dual encoder (tasks clip, declip): the vision tower is ``model.backbone`` (timm,
+    ``num_classes`` forced to 0: pooled features) unless ``vision_open_clip`` names an open_clip config."""
+
+    embed_dim: int | None = Field(None, gt=0)  # joint embedding width; None: the open_clip config's, else 512
+    vision_open_clip: str | None = None  # open_clip model config whose vision tower replaces model.backbone
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    init_logit_scale: float = 2.659260036932778  # ln(1/0.07), as CLIP
+    max_logit_scale: float = Field(100.0, gt=0)  # the temperature's scale exp(logit_scale) is clamped here
+
+
 class ModelConfig(Section):
     """The network, created by name through timm's registry (our own models register there too)."""
 
@@ -87,6 +110,23 @@ class ModelConfig(Section):
     in_chans: int | None = None  # None: data.in_chans
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = {}  # further keyword arguments for timm.create_model
+    dual_encoder: DualEncoderConfig = Field(default_factory=DualEncoderConfig)  # tasks clip/declip only
+
+
+class DeclipConfig(Section):
+    """DeCLIP's supervisions (Li et al. 2022) and their weights; a weight of 0 switches a term off.
+    Task ``declip`` uses this section; task ``clip`` is the InfoNCE term alone (weight 1, the rest off)."""
+
+    clip_weight: float = Field(0.4, ge=0)  # InfoNCE image<->caption (with mvs: the mean of its 4 pairs)
+    iss_weight: float = Field(0.2, ge=0)  # image self-supervision: SimSiam on the two views (data.two_view)
+    tss_weight: float = Field(0.2, ge=0)  # text self-supervision: masked language modelling
+    nns_weight: float = Field(0.2, ge=0)  # nearest-neighbour supervision: image -> nearest queued text
+    mvs: bool = True  # multi-view supervision: 2 image views x (caption, EDA caption); needs data.two_view
+    eda_alpha: float = Field(0.1, ge=0, le=1)  # EDA: fraction of a caption's words each operation changes
+    mask_prob: float = Field(0.15, gt=0, lt=1)  # MLM: fraction of (non-special) tokens selected
+    queue_size: int = Field(65536, gt=0)  # NNS: text embeddings kept (FIFO)
+    simsiam_dim: int = Field(1024, gt=0)  # ISS: projector hidden and output width
+    simsiam_pred_dim: int = Field(512, gt=0)  # ISS: predictor bottleneck width
 
 
 class TaskConfig(Section):
@@ -96,6 +136,7 @@ class TaskConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
     cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables
+    declip: DeclipConfig = Field(default_factory=DeclipConfig)  # tasks clip/declip only
 
     @field_validator("name")
     @classmethod
@@ -135,7 +176,8 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1)
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
     nan_patience: int = Field(5, ge=1)  # stop after this many non-finite steps in a row
-    compile: bool = False  # torch.compile the task
+    compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict names unchanged)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # keep an EMA of the model's weights (timm ModelEmaV3)
 
     @field_validator("evals")
     @classmethod

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from evaluation import EVALS
 from foundation.config import OptimConfig, Recipe, dump_recipe
 from foundation.data.shards import build_eval_loader, build_train_loader
 from foundation.engine.checkpoint import (
-    CheckpointError, find_latest, load_state, load_task_weights, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, find_latest, load_state, load_task_weights, load_weights, read_tensors, rng_state,
+    save_checkpoint, set_rng_state,
 )
 from foundation.engine.distributed import DistInfo, Engine, close_distributed, gather_objects, init_distributed
 from foundation.engine.tracking import Tracker, format_duration, setup_logging
@@ -127,6 +129,13 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         if engine.scaler is not None and "scaler" in state:
             engine.scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
+    ema = None
+    if cfg.ema_decay:
+        if info.backend == "deepspeed" and engine.ds_config["zero_optimization"]["stage"] == 3:
+            raise ValueError("train.ema_decay: not available with ZeRO-3 (the weights are partitioned)")
+        ema = ModelEmaV3(task.model, decay=cfg.ema_decay)
+        if state is not None and (ckpt / "ema.safetensors").is_file():
+            load_weights(ema.module, read_tensors(ckpt / "ema.safetensors"))
     start_step = state["step"] if state else 0
     same_world = state is not None and state["world_size"] == info.world_size
     if state is not None and not same_world:
@@ -139,6 +148,7 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         loader = build_train_loader(
             recipe.data, batch_size=cfg.batch_size, seed=recipe.seed, rank=info.rank,
             world_size=info.world_size, position=state["data"][info.rank] if same_world else None,
+            tokenizer=getattr(task, "tokenizer", None),
         )
         batches = iter(loader)
     if same_world:
@@ -163,14 +173,18 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         results: dict[str, float] = {}
         if not recipe.data.val:
             return results
+        models = {"": engine.module.model, "_ema": ema.module if ema is not None else None}
         with preserved_rng():
             for name in cfg.evals:
-                eval_loader = build_eval_loader(
-                    recipe.data.val, recipe.data, batch_size=cfg.batch_size, rank=info.rank,
-                    world_size=info.world_size,
-                )
-                out = EVALS[name](engine.module.model, eval_loader, info.device, engine.all_reduce, cfg.eval_batches)
-                results.update({f"eval/{name}/{k}": v for k, v in out.items()})
+                for suffix, model in models.items():
+                    if model is None:
+                        continue
+                    eval_loader = build_eval_loader(
+                        recipe.data.val, recipe.data, batch_size=cfg.batch_size, rank=info.rank,
+                        world_size=info.world_size, tokenizer=getattr(task, "tokenizer", None),
+                    )
+                    out = EVALS[name](model, eval_loader, info.device, engine.all_reduce, cfg.eval_batches)
+                    results.update({f"eval/{name}{suffix}/{k}": v for k, v in out.items()})
         log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
         return results
 
@@ -192,6 +206,7 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         path = save_checkpoint(
             ckpt_root, step, weights, state_out, dump_recipe(recipe), info.is_main, cfg.keep_last,
             deepspeed_engine=engine.wrapped if info.backend == "deepspeed" else None,
+            extra_files={"ema.safetensors": ema.module.state_dict()} if ema is not None else None,
         )
         log.info("saved %s", path)
         return path
@@ -217,6 +232,8 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
             for k, v in out.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
         grad_norm = engine.step(cfg.clip_grad, skip=dropped)
+        if ema is not None and grad_norm is not None:
+            ema.update(engine.module.model, step=step)
 
         # -- NaN/inf guard: skipped steps are counted; too many in a row stop the run
         if dropped or grad_norm is None:

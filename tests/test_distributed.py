@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, read_metrics, tiny_recipe, write_recipe
 
@@ -17,11 +18,12 @@ TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 DEEPSPEED = str(Path(PYTHON).parent / "deepspeed")
 
 
-def launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def launch(cmd: list[str], tmp_path: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    if expect_ok:
+        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
     return out
 
 
@@ -44,14 +46,28 @@ def driver_cmd(recipe: Path, prefix: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes(digits_shards, tmp_path):
+def test_ddp_two_processes_and_resume(digits_shards, tmp_path):
+    """Learns, ranks agree; 15 steps + SIGKILL + resume matches 30 straight steps within tolerance."""
     steps = 30
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "ddp", train={"steps": steps, "eval_every": 30}))
+    sections = dict(train={"steps": steps, "eval_every": 30, "save_every": 15}, data={"workers": 1})
+    straight = write_recipe(tmp_path / "a.yaml", tiny_recipe(digits_shards, tmp_path, "ddp", **sections))
+    killed = write_recipe(tmp_path / "b.yaml", tiny_recipe(digits_shards, tmp_path, "ddp_killed", **sections))
     prefix = tmp_path / "summary"
-    launch([TORCHRUN, "--standalone", "--nproc_per_node=2", *driver_cmd(recipe, prefix)], tmp_path)
+    torchrun = [TORCHRUN, "--standalone", "--nproc_per_node=2"]
+    launch([*torchrun, *driver_cmd(straight, prefix)], tmp_path)
     assert_learned_and_agree(tmp_path / "ddp", prefix, steps)
     s0, _ = summaries(prefix)
     assert s0["eval/classification/samples"] == 64  # 2 eval batches of 16 on each of 2 ranks
+
+    dead = launch([*torchrun, *driver_cmd(killed, prefix, "--die-after-save", "15")], tmp_path, expect_ok=False)
+    assert dead.returncode != 0
+    launch([*torchrun, *driver_cmd(killed, prefix)], tmp_path)
+    ma, mb = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "ddp_killed")
+    for step in range(1, steps + 1):
+        assert abs(ma[step]["train/loss"] - mb[step]["train/loss"]) < 1e-4, step
+    wa = load_file(str(tmp_path / "ddp/checkpoints/step_30/model.safetensors"))
+    wb = load_file(str(tmp_path / "ddp_killed/checkpoints/step_30/model.safetensors"))
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) < 1e-4
 
 
 @pytest.mark.slow

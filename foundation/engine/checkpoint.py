@@ -4,6 +4,7 @@ Layout of ``runs/<name>/checkpoints/step_<N>/``::
 
     model.safetensors   the model's weights as the model names them (timm can load this file)
     task.safetensors    other tensors the task owns (loss heads, queues), when there are any
+    ema.safetensors     the EMA of the model's weights (train.ema_decay)
     state.pt            optimizer, scheduler, scaler, per-rank RNG and data positions, step, counters;
                         plain tensors and containers only: loaded with torch.load(weights_only=True)
     recipe.yaml         the resolved recipe
@@ -157,9 +158,10 @@ def load_task_weights(task: nn.Module, path: Path, strict: bool = True) -> LoadR
     return load_weights(task, tensors, strict=strict)
 
 
-def load_model(checkpoint: str | Path, device: str = "cpu"):
+def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False):
     """The trained model of a checkpoint (or a run directory: its newest checkpoint) in eval mode,
-    and the recipe it was trained with. Evaluation and quantization start here."""
+    and the recipe it was trained with; ``ema`` takes the EMA weights. Evaluation and quantization
+    start here."""
     from foundation.config import load_recipe
     from foundation.tasks import TASKS
 
@@ -172,6 +174,10 @@ def load_model(checkpoint: str | Path, device: str = "cpu"):
     recipe = load_recipe(path / "recipe.yaml")
     task = TASKS[recipe.task.name].build(recipe.model, recipe.task, recipe.data)
     load_task_weights(task, path)
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"{path}: no ema.safetensors (the run had no train.ema_decay)")
+        load_weights(task.model, read_tensors(path / "ema.safetensors"))
     model = task.model.to(device).eval()
     return model, recipe
 
@@ -196,12 +202,13 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     root: Path, step: int, task_state: dict[str, Tensor] | None, state: dict[str, Any], recipe_yaml: str,
-    is_main: bool, keep_last: int, deepspeed_engine=None,
+    is_main: bool, keep_last: int, deepspeed_engine=None, extra_files: dict[str, dict[str, Tensor]] | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically; collective when several ranks run (call on all ranks).
 
     ``task_state`` is the full task state dict on rank 0 (may be None elsewhere). DeepSpeed engines
-    also save their own files under ``deepspeed/`` (all ranks take part).
+    also save their own files under ``deepspeed/`` (all ranks take part). ``extra_files`` are further
+    safetensors files (e.g. ``ema.safetensors``), written by rank 0.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -213,6 +220,8 @@ def save_checkpoint(
         save_file(model, str(tmp / "model.safetensors"))
         if rest:
             save_file(rest, str(tmp / "task.safetensors"))
+        for name, tensors in (extra_files or {}).items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / name))
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml)
     barrier()
