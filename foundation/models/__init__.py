@@ -1,0 +1,3 @@
+"""Backbones. Each of our own models is one file registered with timm's ``register_model``."""
+
+from foundation.models import ceit  # noqa: F401  (registers ceit_* with timm)
