@@ -35,7 +35,7 @@ class MemoryLoader:
 
     def __init__(self, batches: list[dict], stamps: list[float]):
         self.batches, self.stamps = batches, stamps
-        self.skipped, self.epoch_samples = 0, None
+        self.skipped = 0
 
     def __iter__(self):
         i = 0
@@ -49,6 +49,9 @@ class MemoryLoader:
 
     def pop_skip_reports(self) -> list[str]:
         return []
+
+    def epoch(self) -> None:
+        return None
 
 
 def make_batches(batch_size: int, n: int = 4) -> list[dict]:

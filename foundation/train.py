@@ -264,9 +264,8 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
                 "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
                 "train/samples_per_s": samples_per_step / dt,
                 "train/nonfinite_steps": counters["nonfinite_steps"],
-                "data/skipped": loader.skipped,
-                "data/epoch": counters["samples"] / loader.epoch_samples if getattr(loader, "epoch_samples", None)
-                else None,
+                "data/skipped": int(engine.all_reduce(torch.tensor([float(loader.skipped)])).item()),
+                "data/epoch": loader.epoch(),
             })
             metrics = {k: v for k, v in metrics.items() if v is not None}
             for report in loader.pop_skip_reports():
@@ -293,7 +292,7 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         "wall_time_s": round(elapsed, 2),
         "samples_per_s": round(samples_per_step * steps_done / elapsed, 2) if steps_done else 0.0,
         "nonfinite_steps": counters["nonfinite_steps"],
-        "data_skipped": loader.skipped,
+        "data_skipped": int(engine.all_reduce(torch.tensor([float(loader.skipped)])).item()),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "run_dir": str(run_dir),
         "weights_sha256": digest,

@@ -196,3 +196,31 @@ def test_ema_weights_are_kept_evaluated_and_resumed(digits_shards, tmp_path):
     assert ema.keys() == live.keys() and not torch.equal(ema["fc.weight"], live["fc.weight"])
     model, _ = load_model(ckpt, ema=True)
     assert torch.equal(model.state_dict()["fc.weight"], ema["fc.weight"])
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path):
+    import io
+    import shutil
+
+    import webdataset as wds
+    from PIL import Image
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for shard in range(2):
+        with wds.TarWriter(str(shards / f"train-{shard:06d}.tar")) as sink:
+            for i in range(40):
+                buf = io.BytesIO()
+                Image.fromarray((torch.rand(32, 32, generator=rng) * 255).byte().numpy()).save(buf, format="PNG")
+                data = buf.getvalue()
+                if shard == 1 and i % 4 == 0:
+                    data = data[: len(data) // 2]  # truncated PNG
+                sink.write({"__key__": f"s{shard}_{i:03d}", "png": data, "cls": str(i % 10)})
+    shutil.copy(shards / "train-000000.tar", shards / "val-000000.tar")
+    recipe = validate(tiny_recipe(shards, tmp_path, "corrupt", train={"steps": 10, "log_every": 5}))
+    summary = train(recipe)
+    metrics = read_metrics(recipe.run_dir)
+    assert summary["data_skipped"] > 0 and metrics[10]["data/skipped"] == summary["data_skipped"]
+    log = (recipe.run_dir / "train.log").read_text()
+    assert "skipped sample" in log and "train-000001.tar" in log
