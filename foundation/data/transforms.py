@@ -1,0 +1,88 @@
+"""Image decoding and augmentation: PIL decode, timm ``create_transform`` for training and evaluation.
+
+Training: random-resized-crop, flip, optional colour jitter / RandAugment / random erasing, then
+normalisation (``DataConfig.augment``). Evaluation: resize to ``image_size / crop_pct`` and centre crop.
+One-channel data (``in_chans: 1``) is decoded as ``L``; its default mean/std are the means of
+ImageNet's three channel statistics.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch import Tensor
+
+from foundation.config import DataConfig
+from foundation.data import DataError
+
+Transform = Callable[[Image.Image], Tensor]
+
+
+def decode_image(data: bytes, in_chans: int) -> Image.Image:
+    """Decode encoded image bytes fully into an ``L`` (1 channel) or ``RGB`` (3) image.
+
+    Raises (``OSError``, ``ValueError``, ``SyntaxError`` ...) on corrupt or truncated data: the whole
+    image is decoded here (``load()``) and PIL's ``LOAD_TRUNCATED_IMAGES`` is left off.
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    mode = "L" if in_chans == 1 else "RGB"
+    if img.mode != mode:
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # palette transparency must go through RGBA (PIL warns otherwise)
+        img = img.convert(mode)
+    return img
+
+
+def normalization(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` with one entry per channel: the configured ones, else ImageNet's."""
+    mean = cfg.mean or _default_stats(IMAGENET_DEFAULT_MEAN, cfg.in_chans)
+    std = cfg.std or _default_stats(IMAGENET_DEFAULT_STD, cfg.in_chans)
+    for name, stats in (("mean", mean), ("std", std)):
+        if len(stats) != cfg.in_chans:
+            raise DataError(
+                f"data.{name} has {len(stats)} values but data.in_chans is {cfg.in_chans}; give one value per channel"
+            )
+    return tuple(mean), tuple(std)
+
+
+def _default_stats(stats: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    return (sum(stats) / len(stats),) if in_chans == 1 else tuple(stats)
+
+
+def build_train_transform(cfg: DataConfig) -> Transform:
+    """PIL image → normalised ``(C, H, W)`` tensor with the training augmentation of ``cfg.augment``."""
+    mean, std = normalization(cfg)
+    a = cfg.augment
+    return create_transform(
+        input_size=(cfg.in_chans, cfg.image_size, cfg.image_size),
+        is_training=True,
+        scale=a.scale,
+        ratio=a.ratio,
+        hflip=a.hflip,
+        color_jitter=a.color_jitter,
+        auto_augment=a.auto_augment,
+        interpolation=a.interpolation,
+        re_prob=a.re_prob,
+        mean=mean,
+        std=std,
+    )
+
+
+def build_eval_transform(cfg: DataConfig) -> Transform:
+    """PIL image → normalised tensor: resize to ``image_size / crop_pct``, centre crop ``image_size``."""
+    mean, std = normalization(cfg)
+    return create_transform(
+        input_size=(cfg.in_chans, cfg.image_size, cfg.image_size),
+        is_training=False,
+        interpolation=cfg.augment.interpolation,
+        crop_pct=cfg.augment.crop_pct,
+        mean=mean,
+        std=std,
+    )
+
+
+__all__ = ["build_eval_transform", "build_train_transform", "decode_image", "normalization"]
