@@ -40,7 +40,7 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 	@echo "report: runs/resnet18_fmnist/eval/classification.json"
 
 test: $(STAMP) fmnist-files
-	$(PY) -m pytest tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP) fmnist-files
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,12 @@ def test_wandb_offline_run_and_auto_mode(digits_shards, tmp_path, monkeypatch):
     train(recipe)
     runs = list((recipe.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    record = next(runs[0].glob("*.wandb")).read_bytes()  # protobuf records: strings are stored as-is
+    record_file = next(runs[0].glob("*.wandb"))
+    for _ in range(120):  # the W&B service flushes its record file shortly after finish() returns
+        record = record_file.read_bytes()  # protobuf records: strings are stored as-is
+        if b"train/loss" in record:
+            break
+        time.sleep(0.25)
     assert b"resnet10t" in record and b"train/loss" in record  # the recipe as config, and the metrics
 
 
