@@ -36,8 +36,11 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/classification/resnet18_fmnist.yaml
 	$(VENV)/bin/foundation eval classification --checkpoint runs/resnet18_fmnist --data $(DEMO_DATA) \
 		--out runs/resnet18_fmnist/eval/classification.json
-	@echo "run directory: runs/resnet18_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
-	@echo "report: runs/resnet18_fmnist/eval/classification.json"
+	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/declip/vit_tiny_fmnist.yaml
+	$(VENV)/bin/foundation eval zeroshot --checkpoint runs/declip_vit_tiny_fmnist --data $(DEMO_DATA) \
+		--out runs/declip_vit_tiny_fmnist/eval/zeroshot.json
+	@echo "run directories: runs/resnet18_fmnist, runs/declip_vit_tiny_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
+	@echo "reports: runs/resnet18_fmnist/eval/classification.json, runs/declip_vit_tiny_fmnist/eval/zeroshot.json"
 
 test: $(STAMP) fmnist-files
 	$(PY) -m pytest -q --durations=15 tests

@@ -19,18 +19,9 @@ from foundation.tasks.classification import accuracy
 
 
 def loader_class_names(loader) -> list[str] | None:
-    """Class names of an evaluation loader: its ``class_names`` attribute, else its shards' manifest."""
-    from foundation.data.shards import read_manifest
-
+    """Class names of an evaluation loader (``build_eval_loader`` reads them from the manifest)."""
     names = getattr(loader, "class_names", None)
-    if names:
-        return list(names)
-    urls = getattr(getattr(loader, "_stream", None), "urls", None) or []
-    for url in urls[:1]:
-        manifest = read_manifest(url) if "://" not in url else None
-        if manifest and manifest.get("class_names"):
-            return list(manifest["class_names"])
-    return None
+    return list(names) if names else None
 
 
 @torch.no_grad()

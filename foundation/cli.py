@@ -1,4 +1,4 @@
-"""The ``foundation`` command: recipes | train | data | eval | quantize | demo.
+"""The ``foundation`` command: recipes | train | data | eval | export | quantize | demo.
 
 Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
 and exit with code 2; anything else is a bug and shows its traceback.
@@ -68,6 +68,52 @@ def cmd_eval_classification(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dual_encoder(args: argparse.Namespace, evaluate) -> int:
+    import torch
+
+    from foundation.data.shards import build_eval_loader
+    from foundation.engine.checkpoint import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, recipe = load_model(args.checkpoint, device)
+    loader = build_eval_loader(args.data, recipe.data, batch_size=args.batch_size, split=args.split)
+    result = {"checkpoint": str(args.checkpoint), "data": args.data,
+              **evaluate(model, loader, device), "skipped": getattr(loader, "skipped", 0)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from evaluation.zeroshot import evaluate_zeroshot
+    from foundation.data.shards import class_names
+
+    names = class_names(args.data)
+    return _eval_dual_encoder(args, lambda model, loader, device: evaluate_zeroshot(
+        model, loader, device, class_names=names))
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from evaluation.retrieval import evaluate_retrieval
+
+    return _eval_dual_encoder(args, evaluate_retrieval)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from foundation.export import export_checkpoint
+
+    try:
+        result = export_checkpoint(args.checkpoint, args.out, args.format, args.name)
+    except ValueError as e:  # a model part the target format cannot represent: say which, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     c.add_argument("--out", help="also write the JSON result here")
     c.set_defaults(func=cmd_eval_classification)
+    for name, helptext, func in (
+        ("zeroshot", "zero-shot top-1/top-5 of a clip/declip checkpoint on classification shards (class names "
+                     "from the manifest; single prompt and 80-prompt ensemble)", cmd_eval_zeroshot),
+        ("retrieval", "image<->text recall@1/5/10 of a clip/declip checkpoint on caption shards", cmd_eval_retrieval),
+    ):
+        c = esub.add_parser(name, help=helptext)
+        c.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
+        c.add_argument("--data", required=True, help="shards: brace pattern, directory or manifest.json")
+        c.add_argument("--split", default="val")
+        c.add_argument("--batch-size", type=int, default=256)
+        c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        c.add_argument("--out", help="also write the JSON result here")
+        c.set_defaults(func=func)
+    p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders) or timm (the vision tower)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
+    p.add_argument("--format", required=True, choices=["open_clip", "timm"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--name", help="open_clip model config name (default: the recipe's name)")
+    p.set_defaults(func=cmd_export)
+
     for module in _optional_modules("evaluation.robustness", "evaluation.sysnoise"):
         module.add_cli(esub)
     for module in _optional_modules("foundation.quant.cli"):

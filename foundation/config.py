@@ -170,7 +170,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)  # None: only at the end
-    evals: list[str] = ["classification"]  # keys of evaluation.EVALS, run on data.val
+    evals: list[str] | None = None  # keys of evaluation.EVALS run on data.val; None: the task's default_evals
     eval_batches: int | None = Field(None, gt=0)  # cap per evaluation during training; None: whole split
     save_every: int | None = Field(None, gt=0)  # None: only at the end
     keep_last: int = Field(3, ge=1)
@@ -181,10 +181,10 @@ class TrainConfig(Section):
 
     @field_validator("evals")
     @classmethod
-    def _known_evals(cls, names: list[str]) -> list[str]:
+    def _known_evals(cls, names: list[str] | None) -> list[str] | None:
         from evaluation import EVALS
 
-        return [_check_choice(name, EVALS) for name in names]
+        return None if names is None else [_check_choice(name, EVALS) for name in names]
 
 
 class ParallelConfig(Section):
@@ -195,6 +195,7 @@ class ParallelConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     deepspeed_config: str | None = None  # JSON file; its values win over the ones derived from the recipe
     find_unused_parameters: bool = False
+    broadcast_buffers: bool = True  # DDP re-broadcasts rank 0's buffers (BN statistics) every forward
 
 
 class LoggingConfig(Section):

@@ -175,7 +175,7 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
             return results
         models = {"": engine.module.model, "_ema": ema.module if ema is not None else None}
         with preserved_rng():
-            for name in cfg.evals:
+            for name in cfg.evals if cfg.evals is not None else task.default_evals:
                 for suffix, model in models.items():
                     if model is None:
                         continue

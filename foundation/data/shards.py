@@ -732,10 +732,12 @@ class _EvalStream(IterableDataset):
 class EvalLoader:
     """Finite, re-iterable evaluation batches (the training batch dict plus ``key`` and all ``texts``).
 
-    ``skipped`` and ``pop_skip_reports()`` cover the current (or last) pass.
+    ``skipped`` and ``pop_skip_reports()`` cover the current (or last) pass; ``class_names`` come from
+    the shards' manifest (None without one).
     """
 
-    def __init__(self, stream: _EvalStream, workers: int):
+    def __init__(self, stream: _EvalStream, workers: int, class_names: list[str] | None = None):
+        self.class_names = class_names
         self._stream = stream
         self._workers = workers
         self.skipped = 0
@@ -764,7 +766,7 @@ def build_eval_loader(spec: str, cfg: DataConfig, *, batch_size: int, rank: int 
     urls = [u for source in sources for u in source]
     stream = _EvalStream(urls, cfg, _targets(cfg, sources, split), batch_size=batch_size, rank=rank,
                          world_size=world_size, workers=max(1, cfg.workers), tokenizer=tokenizer)
-    return EvalLoader(stream, cfg.workers)
+    return EvalLoader(stream, cfg.workers, class_names(spec))
 
 
 # --------------------------------------------------------------------------------------------------

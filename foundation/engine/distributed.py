@@ -175,7 +175,7 @@ class Engine:
         elif info.backend == "ddp":
             self.wrapped = nn.parallel.DistributedDataParallel(
                 task, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                find_unused_parameters=parallel.find_unused_parameters,
+                find_unused_parameters=parallel.find_unused_parameters, broadcast_buffers=parallel.broadcast_buffers,
             )
         else:
             self.wrapped = task

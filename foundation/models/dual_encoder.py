@@ -95,6 +95,12 @@ class DualEncoder(nn.Module):
         """(normalised image embeddings (B, E), normalised text embeddings (B, E), scale ())."""
         return self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True), self.scale()
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` the two towers: tasks call ``encode_image`` / ``encode_text_tokens``, not
+        ``forward``, so compiling this module's own call would leave them eager."""
+        self.visual.compile(*args, **kwargs)
+        self.text.compile(*args, **kwargs)
+
     def no_weight_decay(self) -> set[str]:
         """Position embeddings and class tokens (norms, biases and the temperature are 1-D: no decay anyway)."""
         names = {f"text.{n}" for n in self.text.no_weight_decay()}

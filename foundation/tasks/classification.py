@@ -13,6 +13,8 @@ from foundation.models.factory import create_backbone
 class ClassificationTask(nn.Module):
     """Image classifier + loss. ``forward(batch) -> {"loss", "ce"}``; ``self.model`` is the timm model."""
 
+    default_evals = ("classification",)  # what train.evals means when the recipe leaves it unset
+
     def __init__(self, model: nn.Module, cfg: TaskConfig, num_classes: int):
         super().__init__()
         self.model = model

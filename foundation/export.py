@@ -1,0 +1,113 @@
+"""``foundation export``: a finished checkpoint in another library's format.
+
+- ``open_clip``: a dual-encoder checkpoint as open_clip's ``CLIP``. Writes into ``--out``::
+
+      <name>.json                   model config: open_clip.add_model_config("<out>/<name>.json")
+      open_clip_model.safetensors   weights:      open_clip.create_model_and_transforms("<name>", pretrained=...)
+      open_clip_config.json         model config + preprocessing (our mean/std/size), for "local-dir:<out>"
+
+- ``timm``: the vision tower alone (a dual encoder's, or a classifier) as timm weights plus a
+  ``config.json`` with the arguments for ``timm.create_model(..., checkpoint_path=<out>/model.safetensors)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from foundation.config import Recipe
+
+FORMATS = ("open_clip", "timm")
+
+
+def _preprocess_cfg(recipe: Recipe) -> dict[str, Any]:
+    from foundation.data.transforms import normalization
+
+    mean, std = normalization(recipe.data)
+    if len(mean) == 1:  # grey images reach open_clip as RGB: the same statistics on each channel
+        mean, std = mean * 3, std * 3
+    return {"size": recipe.data.image_size, "mode": "RGB", "mean": list(mean), "std": list(std),
+            "interpolation": recipe.data.augment.interpolation, "resize_mode": "shortest", "fill_color": 0}
+
+
+def _stock_backbone(recipe: Recipe) -> bool:
+    m = recipe.model
+    in_chans = m.in_chans if m.in_chans is not None else recipe.data.in_chans
+    return not m.kwargs and m.img_size is None and m.patch_size is None and in_chans == 3
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def export_open_clip(model: nn.Module, recipe: Recipe, out: Path, name: str | None = None) -> dict[str, Any]:
+    from foundation.models.dual_encoder import DualEncoder
+    from foundation.models.open_clip_convert import to_open_clip
+
+    if not isinstance(model, DualEncoder):
+        raise ValueError(f"--format open_clip needs a clip/declip checkpoint; this one is task {recipe.task.name!r}")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name or recipe.name)
+    config, state = to_open_clip(model, backbone=recipe.model.backbone, stock_backbone=_stock_backbone(recipe))
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "open_clip_model.safetensors"
+    save_file(state, str(weights))
+    _write_json(out / f"{name}.json", config)
+    _write_json(out / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": _preprocess_cfg(recipe)})
+    return {
+        "format": "open_clip", "name": name, "model_config": str(out / f"{name}.json"), "weights": str(weights),
+        "open_clip_config": str(out / "open_clip_config.json"),
+        "usage": f"open_clip.add_model_config('{out / (name + '.json')}'); "
+                 f"open_clip.create_model_and_transforms('{name}', pretrained='{weights}')  "
+                 f"# or create_model_and_transforms('local-dir:{out}') for our preprocessing",
+    }
+
+
+def export_timm(model: nn.Module, recipe: Recipe, out: Path) -> dict[str, Any]:
+    from foundation.models.dual_encoder import DualEncoder
+
+    dual = isinstance(model, DualEncoder)
+    if dual and model.vision_cfg is not None:
+        raise ValueError("--format timm: this model's vision tower is open_clip's (model.dual_encoder.vision_open_clip), "
+                         "not a timm model; export it with --format open_clip")
+    tower = model.visual if dual else model
+    m = recipe.model
+    kwargs = dict(m.kwargs)
+    for key in ("img_size", "patch_size"):
+        if getattr(m, key) is not None:
+            kwargs[key] = getattr(m, key)
+    in_chans = m.in_chans if m.in_chans is not None else recipe.data.in_chans
+    pre = _preprocess_cfg(recipe)
+    config = {
+        "architecture": m.backbone, "num_classes": 0 if dual else m.num_classes, "in_chans": in_chans,
+        "kwargs": kwargs,
+        "pretrained_cfg": {"input_size": [in_chans, recipe.data.image_size, recipe.data.image_size],
+                           "mean": pre["mean"][:in_chans], "std": pre["std"][:in_chans],
+                           "interpolation": pre["interpolation"], "crop_pct": recipe.data.augment.crop_pct},
+        "note": "timm.create_model(architecture, num_classes=num_classes, in_chans=in_chans, "
+                "checkpoint_path='model.safetensors', **kwargs); our own backbones (ceit_*) need `import foundation.models`",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    save_file({k: v.detach().contiguous().clone() for k, v in tower.state_dict().items()}, str(weights))
+    _write_json(out / "config.json", config)
+    return {"format": "timm", "weights": str(weights), "config": str(out / "config.json"), **config}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str, name: str | None = None) -> dict[str, Any]:
+    """Export a checkpoint (or a run directory: its newest checkpoint) to ``fmt`` in ``out``."""
+    from foundation.engine.checkpoint import load_model
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
+    model, recipe = load_model(checkpoint)
+    if fmt == "open_clip":
+        return export_open_clip(model, recipe, Path(out), name)
+    return export_timm(model, recipe, Path(out))
+
+
+__all__ = ["FORMATS", "export_checkpoint", "export_open_clip", "export_timm"]

@@ -1,0 +1,268 @@
+"""Reconstruction-based PTQ: AdaRound (layer by layer), BRECQ (block by block) and QDrop.
+
+All three run the same loop over *units* in forward order. For each unit:
+
+1. cache its input in the quantized model (everything before it already quantized) and its input
+   and output in the FP model, on the calibration images;
+2. learn the AdaRound variables of every weight in the unit (and, for BRECQ/QDrop, the activation
+   step sizes LSQ-style) to minimise ``‖unit_q(x) − unit_fp(x_fp)‖²`` (summed over channels,
+   averaged over the rest, as in the reference code) plus the rounding regulariser;
+3. round hard, bake the rounded weights in, freeze the step sizes.
+
+QDrop (Wei et al. 2022) differs in one place: while a unit is reconstructed, every activation
+element — the unit's input and every activation quantizer inside it — is quantized with
+probability ``quant_prob`` and left in floating point otherwise. ``quant_prob = 1`` never draws a
+random number and is BRECQ, bit for bit. BRECQ's Fisher-weighted block loss is replaced by the
+plain MSE (as QDrop's reference implementation does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from foundation.quant.adaround import AdaRound, beta_schedule
+from foundation.quant.blocks import find_blocks
+from foundation.quant.config import QuantConfig, ReconstructionConfig
+from foundation.quant.modules import QUANT_LAYERS, Quantizer, quant_layers, quantizers
+
+
+@dataclass
+class Unit:
+    """A reconstruction unit: a block, or a layer plus the activation module fused after it."""
+
+    name: str
+    modules: list[nn.Module]  # run in sequence
+    kind: str  # "block" | "layer"
+    quantizers: list[Quantizer] = field(default_factory=list)
+    args: tuple = ()  # further (non-tensor) arguments of the first module, e.g. CeiT's grid size
+    kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = self.modules[0](x, *self.args, **self.kwargs)
+        for m in self.modules[1:]:
+            x = m(x)
+        return x
+
+
+class _Stop(Exception):
+    pass
+
+
+def _call_order(model: nn.Module, names: list[str], example: Tensor) -> list[str]:
+    order: list[str] = []
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def find_units(qmodel: nn.Module, granularity: str, example: Tensor) -> list[Unit]:
+    """Reconstruction units in forward order: blocks (``granularity="block"``) and the layers outside
+    them, or every layer (``"layer"``). A layer whose output feeds an activation module directly
+    (from the placement plan) takes that activation with it."""
+    fused_act = {s.name: s.act for s in getattr(qmodel, "quant_sites", [])}
+    layer_names = [n for n, _ in quant_layers(qmodel)]
+    blocks = [n for n, _, _ in find_blocks(qmodel)] if granularity == "block" else []
+    outside = [n for n in layer_names if not any(n.startswith(b + ".") for b in blocks)]
+    order = _call_order(qmodel, blocks + outside, example)
+    units = []
+    for n in order:
+        if n in blocks:
+            units.append(Unit(n, [qmodel.get_submodule(n)], "block"))
+        else:
+            mods = [qmodel.get_submodule(n)]
+            if fused_act.get(n):
+                mods.append(qmodel.get_submodule(fused_act[n]))
+            units.append(Unit(n, mods, "layer"))
+    for u in units:
+        u.quantizers = [q for m in u.modules for _, q in quantizers(m)]
+    return units
+
+
+@torch.no_grad()
+def capture(model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor, batch_size: int,
+            want_output: bool) -> tuple[Tensor, Tensor | None, tuple, dict]:
+    """Inputs of ``first`` (and outputs of ``last``) over ``images``, stored on the CPU, plus the
+    further arguments ``first`` was called with (which must not be tensors).
+
+    The forward pass stops as soon as what is needed has been seen.
+    """
+    device = next(model.parameters()).device
+    ins: list[Tensor] = []
+    outs: list[Tensor] = []
+    extra: list = []
+
+    def pre(m, args, kwargs):
+        if not extra:
+            rest = (args[1:], kwargs)
+            if any(isinstance(v, Tensor) for v in (*args[1:], *kwargs.values())):
+                raise NotImplementedError(f"{type(m).__name__} takes tensor arguments besides its input; "
+                                          "reconstruct it layer by layer (method adaround) instead")
+            extra.append(rest)
+        ins.append(args[0].detach().to("cpu", copy=True))
+        if not want_output:
+            raise _Stop
+
+    def post(m, args, out):
+        outs.append(out.detach().to("cpu", copy=True))
+        raise _Stop
+
+    handles = [first.register_forward_pre_hook(pre, with_kwargs=True)]
+    if want_output:
+        handles.append(last.register_forward_hook(post))
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            try:
+                model(images[start:start + batch_size].to(device))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(ins), (torch.cat(outs) if want_output else None), *extra[0]
+
+
+def _rec_loss(out: Tensor, target: Tensor) -> Tensor:
+    channel_dim = 1 if out.dim() == 4 else -1
+    return (out - target).pow(2).sum(channel_dim).mean()
+
+
+def reconstruct_unit(unit: Unit, q_in: Tensor, fp_in: Tensor, fp_out: Tensor, rcfg: ReconstructionConfig, *,
+                     quant_prob: float, learn_act: bool, generator: torch.Generator) -> dict:
+    """Optimise one unit's rounding (and step sizes); leaves it hard-rounded with frozen step sizes."""
+    layers = [m for mod in unit.modules for m in mod.modules() if isinstance(m, QUANT_LAYERS)]
+    device = layers[0].weight.device
+    rounders = []
+    for layer in layers:
+        wq = layer.weight_quant
+        if wq.enabled and wq.ready:
+            scale, _ = wq._qparams(layer.weight)
+            wq.rounding = AdaRound(layer.weight, scale).to(device)
+            rounders.append(wq.rounding)
+    act_qs = [q for q in unit.quantizers if q.role == "act" and q.enabled and q.ready]
+    if learn_act:
+        for q in act_qs:
+            q.learn_scale(True)
+    for q in act_qs:
+        q.quant_prob = quant_prob
+
+    w_opt = torch.optim.Adam([r.V for r in rounders], lr=rcfg.w_lr) if rounders else None
+    a_params = [q.scale for q in act_qs] if learn_act else []
+    a_opt = torch.optim.Adam(a_params, lr=rcfg.a_lr) if a_params else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=rcfg.iters, eta_min=0.0) if a_opt else None
+
+    n = q_in.shape[0]
+    warm = rcfg.warmup * rcfg.iters
+    rec = torch.zeros(())
+    for step in range(rcfg.iters):
+        idx = torch.randint(n, (min(rcfg.batch_size, n),), generator=generator)
+        x = q_in[idx].to(device)
+        if quant_prob < 1.0:
+            x = torch.where(torch.rand_like(x) < quant_prob, x, fp_in[idx].to(device))
+        with torch.enable_grad():
+            rec = _rec_loss(unit(x), fp_out[idx].to(device))
+            loss = rec
+            if rounders and step >= warm:
+                beta = beta_schedule(step, rcfg.iters, rcfg.warmup, rcfg.beta_start, rcfg.beta_end)
+                loss = loss + rcfg.round_weight * sum(r.regularizer(beta) for r in rounders)
+            if w_opt is None and a_opt is None:
+                break
+            for opt in (w_opt, a_opt):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            loss.backward()
+        for opt in (w_opt, a_opt):
+            if opt is not None:
+                opt.step()
+        if a_sched is not None:
+            a_sched.step()
+
+    with torch.no_grad():
+        for layer in layers:
+            wq = layer.weight_quant
+            if wq.rounding is not None:
+                wq.rounding.soft = False
+                layer.weight.copy_(wq(layer.weight))  # bake the hard rounding: RTN now reproduces it
+                wq.rounding = None
+    for q in act_qs:
+        if learn_act:
+            q.learn_scale(False)
+            q.scale.data.clamp_(min=torch.finfo(torch.float32).eps)
+        q.quant_prob = 1.0
+    return {"unit": unit.name, "kind": unit.kind, "final_rec_loss": float(rec.detach())}
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig, *, granularity: str,
+                quant_prob: float, learn_act: bool, log: Callable[[str], None] | None = None) -> dict:
+    """Reconstruct every unit of ``qmodel`` in order against ``fp_model`` (same architecture, FP)."""
+    device = next(qmodel.parameters()).device
+    # QDrop's masks come from the global generator: seed it, without disturbing the caller's stream
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return _reconstruct(qmodel, fp_model, calib, cfg, granularity, quant_prob, learn_act, log)
+
+
+def _reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig, granularity: str,
+                 quant_prob: float, learn_act: bool, log: Callable[[str], None] | None) -> dict:
+    rcfg = cfg.reconstruction
+    generator = torch.Generator().manual_seed(cfg.seed)
+    device = next(qmodel.parameters()).device
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    units = find_units(qmodel, granularity, calib[:1].to(device))
+    results = []
+    for i, unit in enumerate(units):
+        t0 = time.perf_counter()
+        fp_first = fp_model.get_submodule(unit.name)
+        fp_last = fp_model.get_submodule(_last_name(qmodel, unit))
+        fp_in, fp_out, _, _ = capture(fp_model, fp_first, fp_last, calib, cfg.batch_size, want_output=True)
+        q_in, _, unit.args, unit.kwargs = capture(qmodel, unit.modules[0], unit.modules[0], calib, cfg.batch_size,
+                                                  want_output=False)
+        res = reconstruct_unit(unit, q_in, fp_in, fp_out, rcfg, quant_prob=quant_prob, learn_act=learn_act,
+                               generator=generator)
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+        results.append(res)
+        if log is not None:
+            log(f"[{i + 1}/{len(units)}] {unit.kind} {unit.name}: rec loss {res['final_rec_loss']:.4g} "
+                f"({res['seconds']:.1f} s)")
+    return {"units": results}
+
+
+def _last_name(qmodel: nn.Module, unit: Unit) -> str:
+    """The FP-model name of the unit's last module (a fused activation is wrapped in the quantized model)."""
+    last = unit.modules[-1]
+    for name, m in qmodel.named_modules():
+        if m is last:
+            return name
+    raise KeyError(unit.name)
+
+
+def adaround(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig,
+             log: Callable[[str], None] | None = None) -> dict:
+    """AdaRound: layer-wise rounding; activation ranges stay as calibrated."""
+    return reconstruct(qmodel, fp_model, calib, cfg, granularity="layer", quant_prob=1.0, learn_act=False, log=log)
+
+
+def brecq(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig,
+          log: Callable[[str], None] | None = None) -> dict:
+    """BRECQ: block-wise rounding plus LSQ activation step sizes, always quantized (QDrop with p = 1)."""
+    return reconstruct(qmodel, fp_model, calib, cfg, granularity="block", quant_prob=1.0,
+                       learn_act=cfg.reconstruction.learn_act_scale, log=log)
+
+
+def qdrop(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig,
+          log: Callable[[str], None] | None = None) -> dict:
+    """QDrop: BRECQ where each activation element is quantized with probability ``quant_prob``."""
+    return reconstruct(qmodel, fp_model, calib, cfg, granularity="block",
+                       quant_prob=cfg.reconstruction.quant_prob,
+                       learn_act=cfg.reconstruction.learn_act_scale, log=log)

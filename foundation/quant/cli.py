@@ -1,0 +1,197 @@
+"""``foundation quantize``: post-training quantization of a checkpoint, evaluation, ONNX deployment check.
+
+    foundation quantize --checkpoint runs/x --data SHARDS [--val SHARDS] --method rtn --wbits 8 --abits 8 --onnx
+
+``--method``, ``--wbits`` and ``--abits`` take comma-separated lists (bit lists are paired:
+``--wbits 8,4 --abits 8,4`` → W8A8 and W4A4); every method runs at every pair. Writes, under ``--out``:
+one quantized checkpoint per run (``<method>_w<W>a<A>[_os]_<backend>/``), its ``model.onnx`` with
+``--onnx``, the FP32 and onnxruntime-``quantize_static`` baseline models, and ``results.json`` /
+``results.md`` (rows merged with earlier runs into the same directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from foundation.quant.config import BACKENDS, QuantConfig, load_quant_config
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Add the ``quantize`` sub-command to the ``foundation`` parser."""
+    p = sub.add_parser("quantize", help="post-training quantization (RTN, AdaRound, BRECQ, QDrop) + onnxruntime check",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
+    p.add_argument("--data", required=True, help="calibration shards (their train split): pattern, directory or manifest")
+    p.add_argument("--val", help="evaluation shards (their val split); default: evaluate on the calibration images")
+    p.add_argument("--method", help="rtn | adaround | brecq | qdrop, or a comma-separated list (default: recipe's)")
+    p.add_argument("--wbits", help="weight bits 2-8, or a comma-separated list paired with --abits")
+    p.add_argument("--abits", help="activation bits 2-8, or a comma-separated list paired with --wbits")
+    p.add_argument("--backend", choices=sorted(BACKENDS), help="quantization scheme (default: academic)")
+    p.add_argument("--recipe", help="quantization recipe, e.g. recipes/quant/w8a8.yaml (flags override it)")
+    p.add_argument("--outlier-suppression", action="store_true", help="gamma migration + token-wise clipping")
+    p.add_argument("--calib-images", type=int, help="calibration images (default 1024)")
+    p.add_argument("--iters", type=int, help="reconstruction iterations per layer/block (default 20000)")
+    p.add_argument("--batch-size", type=int, help="forward batch size for calibration and evaluation")
+    p.add_argument("--val-images", type=int, help="evaluate on at most this many images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", help="output directory (default: runs/quant/<checkpoint name>)")
+    p.add_argument("--onnx", action="store_true", help="export to ONNX (QDQ), run onnxruntime, compare; "
+                                                      "plus onnxruntime quantize_static as the baseline")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _split_list(value: str | None, cast=str) -> list | None:
+    return None if value is None else [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
+def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
+    """One validated config per method × bit pair (``RecipeError`` on a bad value)."""
+    from foundation.config import RecipeError
+
+    base: dict = {}
+    for key, value in (("backend", args.backend), ("calib_images", args.calib_images),
+                       ("reconstruction.iters", args.iters), ("batch_size", args.batch_size), ("seed", args.seed)):
+        if value is not None:
+            base[key] = value
+    if args.outlier_suppression:
+        base["outlier.enabled"] = True
+    methods = _split_list(args.method) or [None]
+    wbits, abits = _split_list(args.wbits, int), _split_list(args.abits, int)
+    if wbits and abits and len(wbits) != len(abits) and 1 not in (len(wbits), len(abits)):
+        raise RecipeError(f"--wbits {args.wbits} and --abits {args.abits}: give lists of the same length (paired)")
+    n = max(len(wbits or [0]), len(abits or [0]))
+    pairs = [((wbits[i] if len(wbits) > 1 else wbits[0]) if wbits else None,
+              (abits[i] if len(abits) > 1 else abits[0]) if abits else None) for i in range(n)]
+    configs = []
+    for method in methods:
+        for w, a in pairs:
+            over = dict(base)
+            if method is not None:
+                over["method"] = method
+            if w is not None:
+                over["wbits"] = w
+            if a is not None:
+                over["abits"] = a
+            configs.append(load_quant_config(args.recipe, over))
+    return configs
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _collect(loader, n: int) -> tuple[Tensor, Tensor]:
+    images, labels, seen = [], [], 0
+    for batch in loader:
+        images.append(batch["image"][: n - seen])
+        labels.append(batch["label"][: n - seen])
+        seen += images[-1].shape[0]
+        if seen >= n:
+            break
+    if not images:
+        from foundation.data import DataError
+
+        raise DataError("the calibration shards yielded no images")
+    return torch.cat(images).float(), torch.cat(labels)
+
+
+def _tag(cfg: QuantConfig) -> str:
+    return f"{cfg.method}_w{cfg.wbits}a{cfg.abits}{'_os' if cfg.outlier.enabled else ''}_{cfg.backend}"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from foundation.data.shards import build_eval_loader
+    from foundation.engine.checkpoint import load_model
+    from foundation.quant.report import markdown_table, write_results
+    from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
+
+    configs = configs_from_args(args)
+    device = _device(args.device)
+    model, recipe = load_model(args.checkpoint, device=device)
+    out = Path(args.out) if args.out else Path("runs") / "quant" / Path(args.checkpoint).resolve().name
+    batch_size = configs[0].batch_size
+    calib_n = max(c.calib_images for c in configs)
+    calib, calib_labels = _collect(build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train"),
+                                   calib_n)
+    print(f"calibration: {calib.shape[0]} images from {args.data}")
+
+    def batches():
+        if args.val:
+            for b in build_eval_loader(args.val, recipe.data, batch_size=batch_size, split="val"):
+                yield b["image"].float(), b["label"]
+        else:
+            for i in range(0, calib.shape[0], batch_size):
+                yield calib[i:i + batch_size], calib_labels[i:i + batch_size]
+
+    split = "val" if args.val else "calibration (not held out)"
+    arch = {"source": "recipe", "model": recipe.model.model_dump(mode="json"), "in_chans": recipe.data.in_chans}
+    name = recipe.model.backbone
+
+    def on_device(m):
+        return lambda x: m(x.to(device))
+
+    rows = []
+    fp_top1 = None
+    example = calib[:1]
+    if args.onnx:
+        from foundation.quant.onnx_export import export_fp32_onnx, ort_predict, ort_quantize_static, ort_session
+
+        t0 = time.perf_counter()
+        fp32_path = export_fp32_onnx(model.cpu(), example, out / "fp32.onnx")
+        ort_path = ort_quantize_static(fp32_path, calib[: configs[0].calib_images], out / "ort_int8.onnx")
+        seconds = round(time.perf_counter() - t0, 2)
+        model.to(device)
+        ort_sess = ort_session(ort_path)
+        preds, labels = evaluate(batches(), {"fp": on_device(model), "ort": lambda x: ort_predict(ort_sess, x)},
+                                 args.val_images)
+        fp_top1 = top1(preds["fp"], labels)
+        rows.append({"model": name, "method": "ort_quantize_static", "bits": "W8A8", "backend": "onnxruntime",
+                     "outlier_suppression": False, "top1": top1(preds["ort"], labels), "top1_fp": fp_top1,
+                     "agreement_fp": agreement(preds["ort"], preds["fp"]), "ptq_seconds": seconds,
+                     "eval_split": split, "eval_images": int(labels.numel()),
+                     "onnx": {"deployment": "int8-qdq (onnxruntime quantize_static)", "path": str(ort_path)}})
+
+    for cfg in configs:
+        tag = _tag(cfg)
+        print(f"== {tag}")
+        qmodel, _, report = quantize(model, calib, cfg, log=print)
+        save_quantized(qmodel, out / tag, arch, extra={"source_checkpoint": str(args.checkpoint), "report": report})
+        predictors = {"fp": on_device(model), "q": on_device(qmodel)}
+        onnx_info = None
+        if args.onnx:
+            from foundation.quant.onnx_export import export_onnx, ort_predict, ort_session
+
+            onnx_info = export_onnx(qmodel.cpu(), example, out / tag / "model.onnx")
+            qmodel.to(device)
+            sess = ort_session(onnx_info["path"])
+            predictors["onnx"] = lambda x, sess=sess: ort_predict(sess, x)
+        preds, labels = evaluate(batches(), predictors, args.val_images)
+        fp_top1 = top1(preds["fp"], labels)
+        row = {"model": name, "method": cfg.method, "bits": f"W{cfg.wbits}A{cfg.abits}", "backend": cfg.backend,
+               "wbits": cfg.wbits, "abits": cfg.abits, "outlier_suppression": cfg.outlier.enabled,
+               "top1": top1(preds["q"], labels), "top1_fp": fp_top1, "agreement_fp": agreement(preds["q"], preds["fp"]),
+               "ptq_seconds": report["ptq_seconds"], "calib_images": report["calib_images"],
+               "iters": cfg.reconstruction.iters if cfg.method != "rtn" else None,
+               "eval_split": split, "eval_images": int(labels.numel()), "checkpoint": str(out / tag)}
+        if onnx_info is not None:
+            onnx_info["top1"] = top1(preds["onnx"], labels)
+            onnx_info["agreement_sim"] = agreement(preds["onnx"], preds["q"])
+            row["onnx"] = onnx_info
+        rows.append(row)
+        print(f"   top-1 {100 * row['top1']:.2f} (FP {100 * fp_top1:.2f}), agreement {100 * row['agreement_fp']:.2f}, "
+              f"PTQ {row['ptq_seconds']:.1f} s" + (f"; onnxruntime ({onnx_info['deployment']}) top-1 "
+                                                   f"{100 * onnx_info['top1']:.2f}, agrees with simulation on "
+                                                   f"{100 * onnx_info['agreement_sim']:.2f}%" if onnx_info else ""))
+    if fp_top1 is not None:
+        rows.insert(0, {"model": name, "method": "fp32", "bits": "FP32", "backend": "", "outlier_suppression": False,
+                        "top1": fp_top1, "top1_fp": fp_top1, "agreement_fp": 1.0, "eval_split": split})
+    json_path, md_path = write_results(out, rows)
+    print(markdown_table(rows))
+    print(f"results: {json_path} and {md_path}")
+    return 0

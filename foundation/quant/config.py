@@ -1,0 +1,200 @@
+"""Quantization recipes (``recipes/quant/*.yaml``): a typed schema and the backend schemes.
+
+A quantization recipe is its own small YAML file, separate from the training recipe, because it
+applies to any finished checkpoint. Unknown keys and wrong values fail at load with the key path and
+the allowed values (``RecipeError``; the CLI exits with code 2). Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from foundation.config import RecipeError
+from foundation.quant.fake_quant import QSpec
+
+ObserverName = Literal["minmax", "ema_minmax", "mse", "percentile"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A deployment target's quantization scheme (after MQBench's backend list)."""
+
+    description: str
+    w_symmetric: bool
+    w_per_channel: bool
+    a_symmetric: bool
+    a_unsigned_if_nonneg: bool = False
+    pow2_scale: bool = False
+    fixed_bits: int | None = 8  # None: bit widths are free (academic)
+
+
+BACKENDS: dict[str, Backend] = {
+    "academic": Backend("research setting: symmetry, per-channel and bit widths from the recipe",
+                        w_symmetric=True, w_per_channel=True, a_symmetric=False, fixed_bits=None),
+    "tensorrt": Backend("NVIDIA TensorRT: symmetric per-channel int8 weights, symmetric per-tensor int8 activations",
+                        w_symmetric=True, w_per_channel=True, a_symmetric=True),
+    "snpe": Backend("Qualcomm SNPE/QNN: asymmetric per-tensor uint8 weights and activations",
+                    w_symmetric=False, w_per_channel=False, a_symmetric=False),
+    "openvino": Backend("Intel OpenVINO: symmetric per-channel int8 weights, symmetric per-tensor activations, "
+                        "unsigned (uint8, zero point 0) where the tensor is never negative",
+                        w_symmetric=True, w_per_channel=True, a_symmetric=True, a_unsigned_if_nonneg=True),
+    "vitis": Backend("AMD/Xilinx Vitis AI: symmetric per-tensor int8 weights and activations, power-of-two scales",
+                     w_symmetric=True, w_per_channel=False, a_symmetric=True, pow2_scale=True),
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AcademicConfig(Section):
+    """The ``academic`` backend's free choices (other backends fix them)."""
+
+    w_symmetric: bool = True
+    w_per_channel: bool = True
+    a_symmetric: bool = False
+
+
+class ObserverConfig(Section):
+    """How calibration turns statistics into clipping ranges."""
+
+    weight: ObserverName = "mse"
+    act: ObserverName = "mse"
+    ema_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    lp: float = Field(2.0, gt=0.0)  # the p of the MSE/Lp range search
+    mse_steps: int = Field(80, ge=1, le=99)  # candidate ranges: 100 %, 99 %, ... of [min, max]
+    percentile: float = Field(99.99, gt=50.0, le=100.0)
+
+
+class ReconstructionConfig(Section):
+    """AdaRound / BRECQ / QDrop optimisation (defaults from the papers)."""
+
+    iters: int = Field(20000, ge=1)  # per layer (AdaRound) or per block (BRECQ, QDrop)
+    batch_size: int = Field(32, ge=1)
+    warmup: float = Field(0.2, ge=0.0, lt=1.0)  # fraction of iterations without the rounding loss
+    round_weight: float = Field(0.01, ge=0.0)  # λ of λ·Σ(1 − |2h − 1|^β)
+    beta_start: float = Field(20.0, gt=0.0)
+    beta_end: float = Field(2.0, gt=0.0)
+    w_lr: float = Field(1e-3, gt=0.0)  # Adam on the rounding variables V
+    a_lr: float = Field(4e-5, gt=0.0)  # Adam on activation step sizes (LSQ), cosine-annealed
+    quant_prob: float = Field(0.5, ge=0.0, le=1.0)  # QDrop: probability an activation element is quantized
+    learn_act_scale: bool = True  # BRECQ/QDrop learn activation step sizes; AdaRound never does
+
+
+class OutlierConfig(Section):
+    """Outlier Suppression (Wei et al. 2022) for transformer backbones."""
+
+    enabled: bool = False
+    gamma_migration: bool = True
+    token_clipping: bool = True
+    alphas: list[float] = [1.0, 0.9999, 0.999, 0.99, 0.98, 0.95, 0.9, 0.8]  # coarse stage: quantiles tried
+    search_images: int = Field(256, ge=1)  # calibration images the coarse search scores on
+    fine_iters: int = Field(300, ge=0)  # fine stage: steps of learning the clipping scales
+    fine_lr: float = Field(4e-5, gt=0.0)  # Adam on the step sizes (absolute: scales are ~1e-2)
+    fine_batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _alphas_in_range(self) -> OutlierConfig:
+        if not self.alphas or any(not 0.5 < a <= 1.0 for a in self.alphas):
+            raise ValueError("outlier.alphas: each quantile must be in (0.5, 1]")
+        return self
+
+
+class QuantConfig(Section):
+    """One post-training quantization run: method, scheme, calibration and method options."""
+
+    method: str = "rtn"  # a key of foundation.quant.METHODS
+    backend: str = "academic"  # a key of BACKENDS
+    wbits: int = Field(8, ge=2, le=8)
+    abits: int = Field(8, ge=2, le=8)
+    first_last_bits: int | None = Field(8, ge=2, le=8)  # first/last layer weights and inputs; None: like the rest
+    academic: AcademicConfig = Field(default_factory=AcademicConfig)
+    observers: ObserverConfig = Field(default_factory=ObserverConfig)
+    calib_images: int = Field(1024, ge=1)
+    batch_size: int = Field(64, ge=1)  # forward batch for calibration and evaluation
+    reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_names(self) -> QuantConfig:
+        from foundation.quant import METHODS
+
+        _check_choice("method", self.method, METHODS)
+        _check_choice("backend", self.backend, BACKENDS)
+        fixed = BACKENDS[self.backend].fixed_bits
+        if fixed is not None and (self.wbits, self.abits) != (fixed, fixed):
+            raise ValueError(f"backend {self.backend!r} is a {fixed}-bit scheme (got W{self.wbits}A{self.abits}); "
+                             "use backend 'academic' for other bit widths")
+        return self
+
+    def specs(self) -> tuple[QSpec, QSpec]:
+        """(weight spec, activation spec) at the body bit widths."""
+        b = BACKENDS[self.backend]
+        w_sym, w_pc, a_sym = b.w_symmetric, b.w_per_channel, b.a_symmetric
+        if self.backend == "academic":
+            w_sym, w_pc, a_sym = self.academic.w_symmetric, self.academic.w_per_channel, self.academic.a_symmetric
+        w = QSpec(bits=self.wbits, symmetric=w_sym, per_channel=w_pc, ch_axis=0, pow2_scale=b.pow2_scale)
+        a = QSpec(bits=self.abits, symmetric=a_sym, per_channel=False,
+                  unsigned_if_nonneg=b.a_unsigned_if_nonneg, pow2_scale=b.pow2_scale)
+        return w, a
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key}: unknown name {value!r}{hint}; choose from {sorted(choices)}")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid quantization recipe"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            owner: type[BaseModel] = QuantConfig
+            for key in e["loc"][:-1]:
+                ann = owner.model_fields[str(key)].annotation
+                owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else owner
+            valid = sorted(owner.model_fields)
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {path}: unknown key{hint}; valid keys here: {valid}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            lines.append(f"  {path}: {msg}{got}" if path else f"  {msg}")
+    return "\n".join(lines)
+
+
+def load_quant_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QuantConfig:
+    """The recipe file (or the defaults) with ``overrides`` (dotted keys → values) applied, validated."""
+    data: dict[str, Any] = {}
+    source = "quantization options"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: quantization recipe not found (see recipes/quant/)") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a quantization recipe is a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return QuantConfig.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
