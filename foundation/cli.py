@@ -48,27 +48,9 @@ def cmd_recipes_check(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def cmd_eval_classification(args: argparse.Namespace) -> int:
-    import torch
-
-    from evaluation.classification import evaluate_classification
-    from foundation.data.shards import build_eval_loader
-    from foundation.engine.checkpoint import load_model
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, recipe = load_model(args.checkpoint, device)
-    loader = build_eval_loader(args.data, recipe.data, batch_size=args.batch_size, split=args.split)
-    result = {"checkpoint": str(args.checkpoint), "data": args.data,
-              **evaluate_classification(model, loader, device), "skipped": getattr(loader, "skipped", 0)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
-
-
-def _eval_dual_encoder(args: argparse.Namespace, evaluate) -> int:
+def _run_eval(args: argparse.Namespace, evaluate) -> int:
+    """Load the checkpoint, build the eval loader over ``--data`` with the recipe's preprocessing, run
+    ``evaluate(model, loader, device)``, print the JSON result and write it to ``--out``."""
     import torch
 
     from foundation.data.shards import build_eval_loader
@@ -87,19 +69,25 @@ def _eval_dual_encoder(args: argparse.Namespace, evaluate) -> int:
     return 0
 
 
+def cmd_eval_classification(args: argparse.Namespace) -> int:
+    from evaluation.classification import evaluate_classification
+
+    return _run_eval(args, evaluate_classification)
+
+
 def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from evaluation.zeroshot import evaluate_zeroshot
     from foundation.data.shards import class_names
 
     names = class_names(args.data)
-    return _eval_dual_encoder(args, lambda model, loader, device: evaluate_zeroshot(
+    return _run_eval(args, lambda model, loader, device: evaluate_zeroshot(
         model, loader, device, class_names=names))
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from evaluation.retrieval import evaluate_retrieval
 
-    return _eval_dual_encoder(args, evaluate_retrieval)
+    return _run_eval(args, evaluate_retrieval)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
