@@ -522,7 +522,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axes", nargs="+", default=list(AXES), choices=AXES)
     p.add_argument("--jpeg-quality", type=int, default=90,
                    help="quality for re-encoding lossless images before the decoder comparison (default 90)")
+    p.add_argument("--int8", metavar="QUANT_DIR",
+                   help="a quantized checkpoint written by `foundation quantize`: adds its row to the precision axis")
     p.set_defaults(func=run_cli)
+
+
+def _int8_model(path: str | None, device) -> dict[str, nn.Module] | None:
+    if not path:
+        return None
+    from foundation.quant.runner import load_quantized
+
+    return {"int8": load_quantized(path, device)}
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -557,6 +567,7 @@ def run_cli(args: argparse.Namespace) -> int:
             setup.model, samples(), image_size=setup.image_size, in_chans=setup.in_chans, mean=setup.mean,
             std=setup.std, crop_pct=setup.crop_pct, interpolation=setup.interpolation, axes=args.axes,
             jpeg_quality=args.jpeg_quality, batch_size=args.batch_size, device=setup.device, progress=bar,
+            extra_models=_int8_model(args.int8, setup.device),
         )
     finally:
         bar.close()

@@ -101,6 +101,11 @@ def _collect(loader, n: int) -> tuple[Tensor, Tensor]:
     return torch.cat(images).float(), torch.cat(labels)
 
 
+def _fp_row(model: str, top1: float, split: str) -> dict:
+    return {"model": model, "method": "fp32", "bits": "FP32", "backend": "", "outlier_suppression": False,
+            "top1": top1, "top1_fp": top1, "agreement_fp": 1.0, "eval_split": split}
+
+
 def _tag(cfg: QuantConfig) -> str:
     return f"{cfg.method}_w{cfg.wbits}a{cfg.abits}{'_os' if cfg.outlier.enabled else ''}_{cfg.backend}"
 
@@ -184,13 +189,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             onnx_info["agreement_sim"] = agreement(preds["onnx"], preds["q"])
             row["onnx"] = onnx_info
         rows.append(row)
+        write_results(out, [_fp_row(name, fp_top1, split)] + rows)  # after every run: a crash keeps the rest
         print(f"   top-1 {100 * row['top1']:.2f} (FP {100 * fp_top1:.2f}), agreement {100 * row['agreement_fp']:.2f}, "
               f"PTQ {row['ptq_seconds']:.1f} s" + (f"; onnxruntime ({onnx_info['deployment']}) top-1 "
                                                    f"{100 * onnx_info['top1']:.2f}, agrees with simulation on "
                                                    f"{100 * onnx_info['agreement_sim']:.2f}%" if onnx_info else ""))
     if fp_top1 is not None:
-        rows.insert(0, {"model": name, "method": "fp32", "bits": "FP32", "backend": "", "outlier_suppression": False,
-                        "top1": fp_top1, "top1_fp": fp_top1, "agreement_fp": 1.0, "eval_split": split})
+        rows.insert(0, _fp_row(name, fp_top1, split))
     json_path, md_path = write_results(out, rows)
     print(markdown_table(rows))
     print(f"results: {json_path} and {md_path}")

@@ -8,7 +8,7 @@ point with ``compute_qparams``.
 - ``ema_minmax``: exponential moving average of each batch's min and max (``EMAMinMaxObserver``).
 - ``mse``: per batch, shrink ``[min, max]`` by 1 %, 2 %, ... and keep the range whose fake-quantized
   tensor has the smallest ``L_p`` error (``MSEObserver``, p = 2 by default; p = 2.4 is the
-  "Lp search" of Nahshan et al.); ranges are averaged over batches.
+  "Lp search" of Nahshan et al.; searched coarse-to-fine); ranges are averaged over batches.
 - ``percentile``: the p-th and (100-p)-th percentiles of each batch, averaged over batches.
 """
 
@@ -101,26 +101,43 @@ class _AveragingObserver(Observer):
 
 
 class MSEObserver(_AveragingObserver):
+    """Search the clipping range ``shrink · [min, max]`` with the smallest ``L_p`` error.
+
+    Candidates are ``shrink = 1, 0.99, …, 1 − 0.01·(steps − 1)`` (MQBench's grid). The search is
+    coarse-to-fine — every 5th candidate, then the 1 % steps around the best one, per channel — which
+    finds the grid's optimum whenever the error is unimodal in ``shrink`` at a third of the cost.
+    """
+
     def __init__(self, spec: QSpec, p: float = 2.0, steps: int = 80) -> None:
         super().__init__(spec)
         self.p = p
         self.steps = steps
 
+    def _errors(self, rows: Tensor, lo0: Tensor, hi0: Tensor, shrink: Tensor) -> Tensor:
+        lo, hi = lo0 * shrink, hi0 * shrink
+        scale, zp, qmin, qmax = compute_qparams(lo, hi, self.spec)
+        xq = fake_quantize(rows, scale[:, None], zp[:, None], qmin, qmax)
+        return lp_error(rows, xq, self.p, dims=(1,))
+
     def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         lo0, hi0 = rows.amin(dim=1), rows.amax(dim=1)
-        best_lo, best_hi = lo0.clone(), hi0.clone()
+        floor = 1.0 - 0.01 * (self.steps - 1)
+        best_shrink = torch.ones_like(lo0)
         best_err = torch.full_like(lo0, float("inf"))
-        for i in range(self.steps):
-            shrink = 1.0 - 0.01 * i
-            lo, hi = lo0 * shrink, hi0 * shrink
-            scale, zp, qmin, qmax = compute_qparams(lo, hi, self.spec)
-            xq = fake_quantize(rows, scale[:, None], zp[:, None], qmin, qmax)
-            err = lp_error(rows, xq, self.p, dims=(1,))
+
+        def consider(shrink: Tensor) -> None:
+            nonlocal best_shrink, best_err
+            err = self._errors(rows, lo0, hi0, shrink)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-        return best_lo, best_hi
+            best_shrink = torch.where(better, shrink, best_shrink)
+
+        for i in range(0, self.steps, 5):
+            consider(torch.full_like(lo0, 1.0 - 0.01 * i))
+        center = best_shrink.clone()
+        for d in (-4, -3, -2, -1, 1, 2, 3, 4):
+            consider((center + 0.01 * d).clamp(floor, 1.0))
+        return lo0 * best_shrink, hi0 * best_shrink
 
 
 class PercentileObserver(_AveragingObserver):
