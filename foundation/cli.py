@@ -1,4 +1,4 @@
-"""The ``foundation`` command: recipes | train | data | eval | export | quantize | demo.
+"""The ``foundation`` command: recipes | train | data | eval | export | quantize.
 
 Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
 and exit with code 2; anything else is a bug and shows its traceback.
@@ -123,15 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="eval_command", required=True)
-    c = esub.add_parser("classification", help="top-1/top-5 on classification shards")
-    c.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
-    c.add_argument("--data", required=True, help="shards: brace pattern, directory or manifest.json")
-    c.add_argument("--split", default="val")
-    c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    c.add_argument("--out", help="also write the JSON result here")
-    c.set_defaults(func=cmd_eval_classification)
     for name, helptext, func in (
+        ("classification", "top-1/top-5 of a classifier on classification shards", cmd_eval_classification),
         ("zeroshot", "zero-shot top-1/top-5 of a clip/declip checkpoint on classification shards (class names "
                      "from the manifest; single prompt and 80-prompt ensemble)", cmd_eval_zeroshot),
         ("retrieval", "image<->text recall@1/5/10 of a clip/declip checkpoint on caption shards", cmd_eval_retrieval),
@@ -151,22 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="open_clip model config name (default: the recipe's name)")
     p.set_defaults(func=cmd_export)
 
-    for module in _optional_modules("evaluation.robustness", "evaluation.sysnoise"):
-        module.add_cli(esub)
-    for module in _optional_modules("foundation.quant.cli"):
-        module.add_cli(sub)
+    from evaluation import robustness, sysnoise
+    from foundation.quant import cli as quant_cli
+
+    robustness.add_cli(esub)
+    sysnoise.add_cli(esub)
+    quant_cli.add_cli(sub)
     return parser
-
-
-def _optional_modules(*names: str):
-    import importlib
-
-    for name in names:
-        try:
-            yield importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
 
 
 def main(argv: list[str] | None = None) -> int:
