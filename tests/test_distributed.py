@@ -96,3 +96,16 @@ def test_deepspeed_launcher_zero3_config_file_and_resume(digits_shards, tmp_path
     out = launch(base, tmp_path)  # resume: auto picks step_3
     assert "resumed from" in out.stderr + out.stdout
     assert summaries(prefix)[0]["steps_this_run"] == 3
+
+
+def test_ddp_forced_on_one_process_matches_single(digits_shards, tmp_path):
+    """parallel.backend=ddp on one process (one GPU, or a launcher-less run) opens a one-rank group and
+    trains exactly like the plain single-process loop; torchrun with one rank takes the same path."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "one", train={"steps": 4}))
+    digests = []
+    for name, launcher, backend in (("single", [PYTHON], "single"), ("ddp", [PYTHON], "ddp"),
+                                    ("torchrun", [TORCHRUN, "--standalone", "--nproc_per_node=1"], "ddp")):
+        prefix = tmp_path / name
+        launch([*launcher, *driver_cmd(recipe, prefix, f"name={name}", f"parallel.backend={backend}")], tmp_path)
+        digests.append(json.loads((tmp_path / f"{name}.rank0.json").read_text())["weights_sha256"])
+    assert digests[0] == digests[1] == digests[2]

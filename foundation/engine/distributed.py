@@ -50,8 +50,8 @@ def resolve_backend(cfg: ParallelConfig, world_size: int) -> str:
 def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
     """Read torchrun's / the deepspeed launcher's environment and open the process group.
 
-    gloo on CPU, nccl on GPU. A single process without launcher variables opens no group
-    (DeepSpeed still gets a one-process group, which it requires).
+    gloo on CPU, nccl on GPU. A single process opens no group unless DDP or DeepSpeed is asked for
+    (``parallel.backend``): then it gets a one-process group, launcher variables or not.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -68,19 +68,19 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
     if backend == "single" and world_size > 1:
         raise RuntimeError(f"parallel.backend=single but {world_size} processes were launched; use ddp or auto")
     pg_backend = "nccl" if use_cuda else "gloo"
+    if backend != "single" and world_size == 1:  # DDP / DeepSpeed forced on one process, launcher or not
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
     if backend == "deepspeed":
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=pg_backend)
-    elif world_size > 1 and not dist.is_initialized():
+    elif backend == "ddp" and not dist.is_initialized():
         dist.init_process_group(pg_backend, device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev, backend)
 
