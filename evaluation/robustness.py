@@ -169,6 +169,10 @@ def resolve_corruptions(names: Sequence[str]) -> list[str]:
     return out
 
 
+# Relative CE needs the reference to lose at least this many points of top-1 per severity on average.
+REL_CE_MIN_DEGRADATION = 1.0
+
+
 def compute_ce(
     errors: dict[str, Sequence[float]],
     clean_error: float,
@@ -181,7 +185,9 @@ def compute_ce(
     CE_c = Σ_s E_s,c / Σ_s E^ref_s,c and relative CE_c = Σ_s (E_s,c − E_clean) / Σ_s (E^ref_s,c − E^ref_clean),
     summed over the evaluated ``severities``. mCE and relative mCE average them over the ImageNet-C
     corruptions present in both (the 4 extra ones get a CE but stay out of the mean, as in the paper);
-    a relative CE whose reference denominator is not positive is undefined (None) and left out.
+    a relative CE is undefined (None) and left out where the reference degrades by less than
+    ``REL_CE_MIN_DEGRADATION`` points per severity: a denominator of a few images makes the ratio noise
+    (one run here read −1625% for zoom blur, where the reference lost 0.16 points).
     A reference entry may be one number per severity (all 5, or exactly the evaluated ones) or a single
     number: the mean over severities 1-5 (the usual published form), which needs all 5 evaluated.
     """
@@ -196,7 +202,8 @@ def compute_ce(
             rel[name] = None
         else:
             denom = ref - len(severities) * reference_clean_error
-            rel[name] = 100.0 * (sum(errs) - len(severities) * clean_error) / denom if denom > 0 else None
+            defined = denom >= REL_CE_MIN_DEGRADATION * len(severities)
+            rel[name] = 100.0 * (sum(errs) - len(severities) * clean_error) / denom if defined else None
     in_mean = [n for n in IMAGENET_C if n in ce and ce[n] is not None]
     rel_in_mean = [n for n in in_mean if rel.get(n) is not None]
     return {

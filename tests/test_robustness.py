@@ -166,6 +166,13 @@ def test_mce_hand_worked_example():
     out = compute_ce(errors, clean_error=5.0, reference_errors=ref, reference_clean_error=10.0, severities=[1, 2])
     assert out["relative_ce"]["fog"] is None and out["relative_mce"] == pytest.approx(62.5)
     assert out["relative_mce_corruptions"] == ["gaussian_noise"]
+    # nor one that loses under 1 point per severity: 0.5 + 1.0 over two severities stays undefined
+    ref["fog"] = [10.5, 11.0]
+    out = compute_ce(errors, clean_error=5.0, reference_errors=ref, reference_clean_error=10.0, severities=[1, 2])
+    assert out["relative_ce"]["fog"] is None
+    ref["fog"] = [11.0, 11.0]  # exactly 1 point per severity: defined, (5 + 25) / 2
+    out = compute_ce(errors, clean_error=5.0, reference_errors=ref, reference_clean_error=10.0, severities=[1, 2])
+    assert out["relative_ce"]["fog"] == pytest.approx(1500.0)
 
 
 def test_reference_given_as_mean_over_severities_equals_per_severity_lists(tmp_path):
