@@ -471,7 +471,10 @@ def evaluate_sysnoise(
             except Unavailable as e:
                 t.fail("unavailable", str(e))
             except Exception as e:  # a deployment variant that crashes is a finding, not a reason to stop
-                t.fail("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if t.axis == "architecture":  # e.g. a stem pooling that now yields more tokens than pos-embeds
+                    why = f"the model does not run with {t.name} flipped, so such a deployment fails: {why}"
+                t.fail("error", why)
         if progress is not None:
             progress(len(batch))
     if n == 0:

@@ -236,6 +236,19 @@ def test_model_without_pooling_or_upsampling_reports_not_applicable():
         evaluate_sysnoise(model, samples, image_size=32, in_chans=1, mean=(0.5,), std=(0.5,), axes=["decoders"])
 
 
+def test_a_model_that_breaks_under_the_ceil_mode_flip_is_reported_and_the_rest_still_runs():
+    """Like CeiT, whose stem pooling then yields more tokens than it has position embeddings: at 31 px
+    the pool gives 14x14 and, flipped, 15x15 features for a Linear sized for 14x14."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 14 * 14, 4)).eval()
+    samples = [(png_bytes(img), y) for img, y in quadrant_samples(4, seed=9)]
+    res = evaluate_sysnoise(model, samples, image_size=31, in_chans=1, mean=(0.5,), std=(0.5,),
+                            axes=["architecture", "precision"])
+    rows = {r["name"]: r for r in res["variants"]}
+    assert rows["ceil_mode"]["status"] == "error"
+    assert "does not run with ceil_mode flipped" in rows["ceil_mode"]["note"]
+    assert rows["fp16"]["status"] == "ok" and res["samples"] == 4
+
+
 def test_sysnoise_cli_writes_report_next_to_the_run(fake_platform, monkeypatch, capsys):  # noqa: F811
     import sys
 
