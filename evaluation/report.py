@@ -282,6 +282,19 @@ def log_to_wandb(result: dict, files: dict[str, Path], *, kind: str, recipe=None
             log[f"{kind}/adversarial"] = wandb.Table(
                 columns=["attack", "norm", "eps", "robustness"],
                 data=[[r["attack"], r["norm"], r["eps"], r["robustness"]] for r in rows])
+    elif kind == "quantize":
+        cols = ["model", "method", "bits", "backend", "outlier_suppression", "top1", "agreement_fp",
+                "deployment", "deployed_top1", "sim_deployed_agreement", "ptq_seconds"]
+        data = []
+        for r in result["rows"]:
+            onnx = r.get("onnx") or {}
+            data.append([r.get("model"), r["method"], r.get("bits"), r.get("backend"), bool(r.get("outlier_suppression")),
+                         r.get("top1"), r.get("agreement_fp"), onnx.get("deployment"), onnx.get("top1"),
+                         onnx.get("agreement_sim"), r.get("ptq_seconds")])
+            if r["method"] != "fp32":
+                tag = f"{r['method']}_{str(r.get('bits', '')).lower()}{'_os' if r.get('outlier_suppression') else ''}"
+                log[f"{kind}/{tag}/top1"] = r.get("top1")
+        log[f"{kind}/results"] = wandb.Table(columns=cols, data=data)
     else:
         log[f"{kind}/reference_top1"] = result["reference"]["top1"]
         log[f"{kind}/variants"] = wandb.Table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -104,17 +105,19 @@ def test_vit_w8a8_onnx_matches_simulation(tmp_path):
     assert np.abs(deployed - sim).max() <= 0.05 * np.abs(sim).max()
 
 
-def test_quantize_cli_end_to_end(digits_shards, tmp_path):
+def test_quantize_cli_end_to_end(digits_shards, tmp_path, monkeypatch):
     from foundation.cli import main
     from foundation.config import validate
     from foundation.train import train
 
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never reach the network, even with a netrc
     recipe = validate(tiny_recipe(digits_shards, tmp_path / "runs", train={"steps": 80, "eval_batches": 1}))
     train(recipe)
     out = tmp_path / "quant"
     code = main(["quantize", "--checkpoint", str(recipe.run_dir), "--data", str(digits_shards), "--val",
                  str(digits_shards), "--method", "rtn,qdrop", "--wbits", "8,4", "--abits", "8,4", "--iters", "3",
-                 "--calib-images", "64", "--onnx", "--out", str(out)])
+                 "--calib-images", "64", "--onnx", "--out", str(out), "--wandb"])
     assert code == 0
     rows = {(r["method"], r["bits"]): r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {("fp32", "FP32"), ("ort_quantize_static", "W8A8"), ("rtn", "W8A8"), ("rtn", "W4A4"),
@@ -126,6 +129,16 @@ def test_quantize_cli_end_to_end(digits_shards, tmp_path):
     assert "| qdrop | W4A4 |" in (out / "results.md").read_text()
     again = load_quantized(out / "rtn_w8a8_academic")
     assert not again.training and (out / "rtn_w8a8_academic" / "model.onnx").is_file()
+
+    runs = list((out / "wandb").glob("offline-run-*"))  # no credentials: an offline W&B run beside the results
+    assert len(runs) == 1
+    record_file = next(runs[0].glob("*.wandb"))
+    for _ in range(120):  # the W&B service flushes its record file shortly after finish() returns
+        record = record_file.read_bytes()
+        if b"quantize/results" in record:
+            break
+        time.sleep(0.25)
+    assert b"quantize/results" in record and b"quantize/qdrop_w4a4/top1" in record
 
     bad = main(["quantize", "--checkpoint", str(recipe.run_dir), "--data", str(digits_shards), "--method", "brecc"])
     assert bad == 2

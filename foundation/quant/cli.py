@@ -43,6 +43,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: runs/quant/<checkpoint name>)")
     p.add_argument("--onnx", action="store_true", help="export to ONNX (QDQ), run onnxruntime, compare; "
                                                       "plus onnxruntime quantize_static as the baseline")
+    p.add_argument("--wandb", action="store_true", help="also log the results table to W&B (online when logged in, "
+                                                       "else offline under --out)")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -199,4 +201,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     json_path, md_path = write_results(out, rows)
     print(markdown_table(rows))
     print(f"results: {json_path} and {md_path}")
+    if args.wandb:
+        from evaluation.report import log_to_wandb
+
+        settings = {"methods": sorted({c.method for c in configs}), "backend": configs[0].backend,
+                    "calib_images": calib.shape[0], "eval_split": split, "data": args.data, "val": args.val}
+        log_to_wandb({"checkpoint": str(args.checkpoint), "rows": rows, "settings": settings},
+                     {"results_md": md_path}, kind="quantize", recipe=recipe)
     return 0
