@@ -202,6 +202,43 @@ def test_open_clip_export_round_trip_in_a_clean_process(declip_run, tmp_path):
     assert local_dir["preprocess_cfg"]["mean"] == [0.5] * 3 and local_dir["model_cfg"]["text_cfg"]["vocab_size"] == 49409
 
 
+def test_quantize_a_dual_encoder_with_outlier_suppression_on_both_towers(declip_run, shards, tmp_path):
+    """`foundation quantize` on a DeCLIP checkpoint: both towers W8A8 (RTN and QDrop, with Outlier
+    Suppression), calibrated on images and captions, judged by zero-shot top-1; towers reload."""
+    import torch.nn.functional as F
+
+    from foundation.cli import main
+    from foundation.models.dual_encoder import TextTower
+    from foundation.quant.runner import load_quantized
+
+    _, run_dir = declip_run
+    out = tmp_path / "quant"
+    code = main(["quantize", "--checkpoint", str(run_dir), "--data", str(shards), "--val", str(shards),
+                 "--method", "rtn,qdrop", "--wbits", "8", "--abits", "8", "--outlier-suppression", "--iters", "3",
+                 "--calib-images", "32", "--batch-size", "16", "--out", str(out)])
+    assert code == 0
+    rows = {(r["method"], r["bits"]): r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {("fp32", "FP32"), ("rtn", "W8A8"), ("qdrop", "W8A8")}
+    fp = rows[("fp32", "FP32")]["top1"]
+    assert fp >= 0.95 and rows[("rtn", "W8A8")]["eval_images"] == 64
+    for key in (("rtn", "W8A8"), ("qdrop", "W8A8")):
+        row = rows[key]
+        assert row["eval"] == "zero-shot" and row["top1"] >= fp - 0.05 and row["agreement_fp"] >= 0.9, row
+        text = row["outlier"]["text"]
+        assert "text.transformer.resblocks.0.ln_2" in text["gamma_migration"]["migrated"]
+        assert text["token_clipping"]["quantizers"] > 0
+        assert row["outlier"]["image"]["token_clipping"]["quantizers"] > 0
+
+    q_text = load_quantized(out / "qdrop_w8a8_os_academic" / "text")
+    model, _ = load_model(run_dir)
+    tokens = model.tokenize(["a photo of a dark.", "a light square."])
+    with torch.no_grad():
+        ref, got = TextTower(model)(tokens), q_text(tokens)
+    assert not torch.equal(ref, got)  # quantized...
+    assert F.cosine_similarity(ref, got).min() > 0.99  # ...and still the same embedding
+    assert (out / "qdrop_w8a8_os_academic" / "image" / "quant.json").is_file()
+
+
 @pytest.mark.parametrize("vit_kwargs", [
     {"pre_norm": True, "class_token": True, "global_pool": "token"},  # CLIP-style: ln_pre, no patch bias
     {"global_pool": "avg", "init_values": 0.1, "qkv_bias": False},  # fc_norm after pooling, LayerScale

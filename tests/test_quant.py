@@ -302,3 +302,37 @@ def test_quant_recipes_validate_and_errors_name_the_key(tmp_path):
     with pytest.raises(RecipeError, match="did you mean 'qdrop'"):
         load_quant_config(None, {"method": "qdorp"})
     assert set(METHODS) == {"rtn", "adaround", "brecq", "qdrop"}
+
+
+class _MaskedBlock(torch.nn.Module):
+    """A residual block called with a mask tensor besides its input, like open_clip's text blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        return x + torch.relu(self.fc(x)) * mask
+
+
+class _MaskedNet(torch.nn.Module):
+    def __init__(self, per_call_mask: bool):
+        super().__init__()
+        self.inp, self.block, self.head = torch.nn.Linear(8, 8), _MaskedBlock(), torch.nn.Linear(8, 3)
+        self.per_call_mask = per_call_mask
+        self.register_buffer("mask", torch.ones(8))
+
+    def forward(self, x):
+        mask = self.mask.clone() if self.per_call_mask else self.mask  # a new tensor each call, or a constant
+        return self.head(self.block(self.inp(x), mask))
+
+
+def test_block_reconstruction_takes_constant_tensor_arguments_and_refuses_changing_ones():
+    torch.manual_seed(0)
+    calib = torch.randn(64, 8)
+    cfg = load_quant_config(None, {"method": "brecq", "wbits": 4, "abits": 8, "calib_images": 64, "batch_size": 16,
+                                   "reconstruction.iters": 2})
+    qmodel, _, report = quantize(_MaskedNet(per_call_mask=False).eval(), calib, cfg)
+    assert [u["unit"] for u in report["method"]["units"]] == ["inp", "block", "head"]
+    with pytest.raises(NotImplementedError, match="change between calls"):
+        quantize(_MaskedNet(per_call_mask=True).eval(), calib, cfg)

@@ -108,6 +108,33 @@ class DualEncoder(nn.Module):
         return names
 
 
+class ImageTower(nn.Module):
+    """A dual encoder's image side as one module: images → (unnormalised) embeddings. Shares the
+    dual encoder's modules and state-dict names (``visual.*``, ``visual_projection.*``); used where a
+    tool takes a single-input model, e.g. post-training quantization."""
+
+    def __init__(self, dual: DualEncoder):
+        super().__init__()
+        self.visual = dual.visual
+        self.visual_projection = dual.visual_projection
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.visual(images)
+        return self.visual_projection(x) if self.visual_projection is not None else x
+
+
+class TextTower(nn.Module):
+    """A dual encoder's text side as one module: token ids → (unnormalised) pooled embeddings
+    (``text.*`` state-dict names)."""
+
+    def __init__(self, dual: DualEncoder):
+        super().__init__()
+        self.text = dual.text
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.text(tokens)[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # building
 
@@ -190,4 +217,4 @@ def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 
     )
 
 
-__all__ = ["DualEncoder", "build_dual_encoder", "create_tokenizer", "open_clip_config", "resolve_text_cfg"]
+__all__ = ["DualEncoder", "ImageTower", "TextTower", "build_dual_encoder", "create_tokenizer", "open_clip_config", "resolve_text_cfg"]

@@ -93,7 +93,8 @@ def find_units(qmodel: nn.Module, granularity: str, example: Tensor) -> list[Uni
 def capture(model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor, batch_size: int,
             want_output: bool) -> tuple[Tensor, Tensor | None, tuple, dict]:
     """Inputs of ``first`` (and outputs of ``last``) over ``images``, stored on the CPU, plus the
-    further arguments ``first`` was called with (which must not be tensors).
+    further arguments ``first`` was called with (tensors among them must be constants: the same object
+    in every call, like a causal attention mask).
 
     The forward pass stops as soon as what is needed has been seen.
     """
@@ -104,11 +105,11 @@ def capture(model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor,
 
     def pre(m, args, kwargs):
         if not extra:
-            rest = (args[1:], kwargs)
-            if any(isinstance(v, Tensor) for v in (*args[1:], *kwargs.values())):
-                raise NotImplementedError(f"{type(m).__name__} takes tensor arguments besides its input; "
-                                          "reconstruct it layer by layer (method adaround) instead")
-            extra.append(rest)
+            extra.append((args[1:], kwargs))
+        elif not _same_extras(extra[0], (args[1:], kwargs)):
+            raise NotImplementedError(f"{type(m).__name__} takes tensor arguments besides its input that change "
+                                      "between calls (e.g. a per-sample padding mask); reconstruct it layer by "
+                                      "layer (method adaround) instead")
         ins.append(args[0].detach().to("cpu", copy=True))
         if not want_output:
             raise _Stop
@@ -130,6 +131,16 @@ def capture(model: nn.Module, first: nn.Module, last: nn.Module, images: Tensor,
         for h in handles:
             h.remove()
     return torch.cat(ins), (torch.cat(outs) if want_output else None), *extra[0]
+
+
+def _same_extras(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two calls' further arguments agree: tensors must be the very same object (a constant
+    such as open_clip's causal attention mask buffer), everything else equal."""
+    (a_args, a_kw), (b_args, b_kw) = a, b
+    if len(a_args) != len(b_args) or a_kw.keys() != b_kw.keys():
+        return False
+    pairs = [*zip(a_args, b_args), *((a_kw[k], b_kw[k]) for k in a_kw)]
+    return all(x is y if isinstance(x, Tensor) or isinstance(y, Tensor) else x == y for x, y in pairs)
 
 
 def _rec_loss(out: Tensor, target: Tensor) -> Tensor:

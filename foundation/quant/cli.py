@@ -122,6 +122,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, recipe = load_model(args.checkpoint, device=device)
     out = Path(args.out) if args.out else Path("runs") / "quant" / Path(args.checkpoint).resolve().name
+    from foundation.models.dual_encoder import DualEncoder
+
+    if isinstance(model, DualEncoder):
+        return _quantize_dual_encoder(args, configs, model, recipe, device, out)
     batch_size = configs[0].batch_size
     calib_n = max(c.calib_images for c in configs)
     calib, calib_labels = _collect(build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train"),
@@ -201,11 +205,124 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     json_path, md_path = write_results(out, rows)
     print(markdown_table(rows))
     print(f"results: {json_path} and {md_path}")
+    _wandb(args, configs, rows, md_path, recipe, calib.shape[0], split)
+    return 0
+
+
+def _wandb(args, configs, rows, md_path, recipe, calib_images: int, split: str) -> None:
     if args.wandb:
         from evaluation.report import log_to_wandb
 
         settings = {"methods": sorted({c.method for c in configs}), "backend": configs[0].backend,
-                    "calib_images": calib.shape[0], "eval_split": split, "data": args.data, "val": args.val}
+                    "calib_images": calib_images, "eval_split": split, "data": args.data, "val": args.val}
         log_to_wandb({"checkpoint": str(args.checkpoint), "rows": rows, "settings": settings},
                      {"results_md": md_path}, kind="quantize", recipe=recipe)
+
+
+class _TextSide:
+    """What ``zeroshot_classifier`` needs of a model: ``tokenize`` and ``encode_text``, from a text tower."""
+
+    def __init__(self, tower, tokenize, device):
+        self.tower, self.tokenize, self.device = tower, tokenize, device
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        x = self.tower(tokens.to(self.device))
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path) -> int:
+    """CLIP / DeCLIP checkpoints: both towers are quantized with the same method and bits (Outlier
+    Suppression applies to both transformers), calibrated on the shards' images and captions, and
+    judged by zero-shot top-1 from the class names against the FP dual encoder."""
+    import torch.nn.functional as F
+
+    from evaluation.zeroshot import loader_class_names, zeroshot_classifier
+    from foundation.data import DataError
+    from foundation.data.captions import TEMPLATES
+    from foundation.data.shards import build_eval_loader
+    from foundation.models.dual_encoder import ImageTower, TextTower
+    from foundation.quant.report import markdown_table, write_results
+    from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
+
+    if args.onnx:
+        print("--onnx: the ONNX/onnxruntime check covers single-tower classifiers; a dual encoder's towers are "
+              "quantized and evaluated in PyTorch only")
+    batch_size = configs[0].batch_size
+    calib_n = max(c.calib_images for c in configs)
+    images, tokens, seen = [], [], 0
+    for b in build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train", tokenizer=model.tokenize):
+        if "tokens" not in b:
+            raise DataError(f"{args.data}: the calibration shards have no captions for the text tower "
+                            f"(data.text_key {recipe.data.text_key!r})")
+        images.append(b["image"][: calib_n - seen].float())
+        tokens.append(b["tokens"][: calib_n - seen])
+        seen += images[-1].shape[0]
+        if seen >= calib_n:
+            break
+    if not images:
+        raise DataError("the calibration shards yielded no samples")
+    calib, calib_tokens = torch.cat(images), torch.cat(tokens)
+    print(f"calibration: {calib.shape[0]} images and captions from {args.data}")
+
+    val_spec = args.val or args.data
+    split = "val" if args.val else "train (not held out)"
+    names = loader_class_names(build_eval_loader(val_spec, recipe.data, batch_size=batch_size,
+                                                 split="val" if args.val else "train"))
+    if not names:
+        raise DataError(f"{val_spec}: zero-shot evaluation needs class names in the shards' manifest.json")
+
+    def batches():
+        for b in build_eval_loader(val_spec, recipe.data, batch_size=batch_size, split="val" if args.val else "train"):
+            yield b["image"].float(), b["label"]
+
+    def classifier(text_tower) -> Tensor:
+        return zeroshot_classifier(_TextSide(text_tower, model.tokenize, device), names, TEMPLATES, device)
+
+    def predictor(image_tower, weights: Tensor):
+        return lambda x: F.normalize(image_tower(x.to(device)), dim=-1).float() @ weights
+
+    fp_image, fp_text = ImageTower(model).eval(), TextTower(model).eval()
+    with torch.no_grad():
+        w_fp = classifier(fp_text)
+    name = f"{recipe.model.backbone}+text"
+    arch = {"source": "recipe_tower", "recipe": recipe.model_dump(mode="json")}
+    rows, fp_top1 = [], None
+    for cfg in configs:
+        tag = _tag(cfg)
+        print(f"== {tag}: image tower")
+        q_image, _, rep_image = quantize(fp_image, calib, cfg, log=print)
+        print(f"== {tag}: text tower")
+        q_text, _, rep_text = quantize(fp_text, calib_tokens, cfg, log=print)
+        extra = {"source_checkpoint": str(args.checkpoint)}
+        save_quantized(q_image, out / tag / "image", {**arch, "tower": "image"}, extra={**extra, "report": rep_image})
+        save_quantized(q_text, out / tag / "text", {**arch, "tower": "text"}, extra={**extra, "report": rep_text})
+        with torch.no_grad():
+            w_q = classifier(q_text)
+        preds, labels = evaluate(batches(), {"fp": predictor(fp_image, w_fp), "q": predictor(q_image, w_q),
+                                             "q_image": predictor(q_image, w_fp), "q_text": predictor(fp_image, w_q)},
+                                 args.val_images)
+        fp_top1 = top1(preds["fp"], labels)
+        row = {"model": name, "method": cfg.method, "bits": f"W{cfg.wbits}A{cfg.abits}", "backend": cfg.backend,
+               "wbits": cfg.wbits, "abits": cfg.abits, "outlier_suppression": cfg.outlier.enabled,
+               "eval": "zero-shot", "top1": top1(preds["q"], labels), "top1_fp": fp_top1,
+               "agreement_fp": agreement(preds["q"], preds["fp"]),
+               "top1_image_tower_only": top1(preds["q_image"], labels),
+               "top1_text_tower_only": top1(preds["q_text"], labels),
+               "ptq_seconds": round(rep_image["ptq_seconds"] + rep_text["ptq_seconds"], 3),
+               "calib_images": rep_image["calib_images"], "calib_captions": rep_text["calib_images"],
+               "iters": cfg.reconstruction.iters if cfg.method != "rtn" else None,
+               "outlier": {"image": {k: rep_image.get(k) for k in ("gamma_migration", "token_clipping")},
+                           "text": {k: rep_text.get(k) for k in ("gamma_migration", "token_clipping")}},
+               "eval_split": split, "eval_images": int(labels.numel()), "checkpoint": str(out / tag)}
+        rows.append(row)
+        write_results(out, [_fp_row(name, fp_top1, split)] + rows)
+        print(f"   zero-shot top-1 {100 * row['top1']:.2f} (FP {100 * fp_top1:.2f}; image tower alone "
+              f"{100 * row['top1_image_tower_only']:.2f}, text tower alone {100 * row['top1_text_tower_only']:.2f}), "
+              f"agreement {100 * row['agreement_fp']:.2f}, PTQ {row['ptq_seconds']:.1f} s")
+    if fp_top1 is not None:
+        rows.insert(0, _fp_row(name, fp_top1, split))
+    json_path, md_path = write_results(out, rows)
+    print(markdown_table(rows))
+    print(f"results: {json_path} and {md_path}")
+    _wandb(args, configs, rows, md_path, recipe, calib.shape[0], split)
     return 0

@@ -97,8 +97,9 @@ def bake_weights(qmodel: nn.Module) -> None:
 
 
 def build_architecture(arch: dict) -> nn.Module:
-    """The FP model described by ``arch``: ``{"source": "timm", "name", "kwargs"}`` or
-    ``{"source": "recipe", "model": <ModelConfig>, "in_chans": int}``."""
+    """The FP model described by ``arch``: ``{"source": "timm", "name", "kwargs"}``,
+    ``{"source": "recipe", "model": <ModelConfig>, "in_chans": int}`` or, for one tower of a dual
+    encoder, ``{"source": "recipe_tower", "recipe": <Recipe>, "tower": "image" | "text"}``."""
     import timm
 
     if arch.get("source") == "recipe":
@@ -106,6 +107,14 @@ def build_architecture(arch: dict) -> nn.Module:
         from foundation.models.factory import create_backbone
 
         return create_backbone(ModelConfig(**arch["model"]), in_chans=arch.get("in_chans", 3))
+    if arch.get("source") == "recipe_tower":  # one tower of a CLIP/DeCLIP checkpoint's dual encoder
+        from foundation.config import validate
+        from foundation.models.dual_encoder import ImageTower, TextTower
+        from foundation.tasks import TASKS
+
+        recipe = validate(arch["recipe"])
+        dual = TASKS[recipe.task.name].build(recipe.model, recipe.task, recipe.data).model
+        return {"image": ImageTower, "text": TextTower}[arch["tower"]](dual)
     if arch.get("source") == "timm":
         return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
     raise ValueError(f"unknown architecture description {arch!r}: expected source 'timm' or 'recipe'")
