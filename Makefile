@@ -39,11 +39,12 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 	OMP_NUM_THREADS=2 $(VENV)/bin/foundation quantize --checkpoint runs/resnet18_fmnist --data $(DEMO_DATA) \
 		--val $(DEMO_DATA) --recipe recipes/quant/w8a8_rtn.yaml --val-images 2000 --onnx \
 		--out runs/resnet18_fmnist/quant
+	$(VENV)/bin/foundation report runs/resnet18_fmnist
 	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/declip/vit_tiny_fmnist.yaml
 	$(VENV)/bin/foundation eval zeroshot --checkpoint runs/declip_vit_tiny_fmnist --data $(DEMO_DATA) \
 		--out runs/declip_vit_tiny_fmnist/eval/zeroshot.json
 	@echo "run directories: runs/resnet18_fmnist, runs/declip_vit_tiny_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
-	@echo "reports: runs/resnet18_fmnist/eval/classification.json, runs/resnet18_fmnist/quant/results.md (W8A8 + onnxruntime)," \
+	@echo "reports: runs/resnet18_fmnist/eval/report/report.md (ship-readiness), runs/resnet18_fmnist/quant/results.md (W8A8 + onnxruntime)," \
 		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json"
 
 test: $(STAMP) fmnist-files

@@ -1,4 +1,4 @@
-"""The ``foundation`` command: recipes | train | data | eval | export | quantize.
+"""The ``foundation`` command: recipes | train | data | eval | export | quantize | report.
 
 Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
 and exit with code 2; anything else is a bug and shows its traceback.
@@ -144,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="open_clip model config name (default: the recipe's name)")
     p.set_defaults(func=cmd_export)
 
-    from evaluation import robustness, sysnoise
+    from evaluation import readiness, robustness, sysnoise
     from foundation.quant import cli as quant_cli
 
     robustness.add_cli(esub)
     sysnoise.add_cli(esub)
     quant_cli.add_cli(sub)
+    readiness.add_cli(sub)
     return parser
 
 

@@ -1,0 +1,63 @@
+"""`foundation report`: the ship-readiness page joins what train, eval, robustness, SysNoise and
+quantize wrote for one run — the same figures, not recomputed — and names what was not run."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_recipe
+from foundation.cli import main
+from foundation.config import validate
+from foundation.train import train
+
+
+def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys):
+    recipe = validate(tiny_recipe(digits_shards, tmp_path / "runs", "ship", train={"steps": 30}))
+    train(recipe)
+    run, ev = recipe.run_dir, recipe.run_dir / "eval"
+    data = str(digits_shards)
+
+    # only training so far: the end-of-training top-1, and a command for every missing part
+    assert main(["report", str(run)]) == 0
+    partial = json.loads((ev / "report" / "report.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert partial["classification"]["top1"] == summary["eval/classification/top1"]
+    assert [m[0] for m in partial["missing"]] == ["robustness", "sysnoise", "quantization"]
+    assert f"foundation eval robustness --checkpoint {run}" in (ev / "report" / "report.md").read_text()
+
+    assert main(["eval", "classification", "--checkpoint", str(run), "--data", data,
+                 "--out", str(ev / "classification.json")]) == 0
+    assert main(["quantize", "--checkpoint", str(run), "--data", data, "--val", data, "--method", "rtn",
+                 "--wbits", "8", "--abits", "8", "--calib-images", "32", "--val-images", "64", "--onnx",
+                 "--out", str(run / "quant")]) == 0
+    assert main(["eval", "robustness", "--checkpoint", str(run), "--data", data, "--corruptions", "contrast",
+                 "--severities", "1", "--eps", "2/255", "--pgd-steps", "2", "--max-samples", "16",
+                 "--reference", str(run), "--quiet"]) == 0
+    assert main(["eval", "sysnoise", "--checkpoint", str(run), "--data", data, "--axes", "precision",
+                 "architecture", "--max-samples", "16", "--int8", str(run / "quant" / "rtn_w8a8_academic"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["report", str(run)]) == 0
+    report = json.loads((ev / "report" / "report.json").read_text())
+    assert report["missing"] == []
+    cls = json.loads((ev / "classification.json").read_text())
+    rob = json.loads((ev / "robustness" / "robustness.json").read_text())
+    sn = json.loads((ev / "sysnoise" / "sysnoise.json").read_text())
+    quant = json.loads((run / "quant" / "results.json").read_text())
+    assert report["classification"]["top1"] == cls["top1"]
+    assert report["robustness"]["mce"] == rob["mce"]["mce"]
+    pgd = [a for a in rob["adversarial"]["attacks"] if a["attack"] == "pgd"]
+    assert [a["robustness"] for a in report["robustness"]["attacks"] if a["attack"] == "pgd"] == \
+        [a["robustness"] for a in pgd]
+    ok = [v for v in sn["variants"] if v["axis"] == "precision" and v["status"] == "ok"]
+    assert "int8" in {v["name"] for v in ok}
+    assert report["sysnoise"]["worst_per_axis"]["precision"]["delta_top1"] == min(v["delta_top1"] for v in ok)
+    assert {r["method"] for r in report["quantization"]} == {r["method"] for r in quant}
+    md = (ev / "report" / "report.md").read_text()
+    assert "INT8 (W8A8) Δtop-1" in md and "Not run yet" not in md
+    assert (ev / "report" / "report.html").read_text().startswith("<!doctype html>")
+
+    (ev / "sysnoise" / "sysnoise.json").write_text("{ truncated")
+    assert main(["report", str(run)]) == 2
+    assert "sysnoise.json: not valid JSON" in capsys.readouterr().err
