@@ -82,11 +82,11 @@ def collect(run_dir: str | Path, quant: list[str | Path] | None = None) -> dict:
     if sn is None:
         out["missing"].append(("sysnoise", f"foundation eval sysnoise --checkpoint {run} [--int8 QUANT_DIR]"))
     else:
-        axes: dict[str, dict] = {}
+        axes: dict[str, dict] = {}  # per axis: the lowest Δtop-1, ties broken by the higher flip rate
         for v in sn["variants"]:
             if v["status"] == "ok":
                 worst = axes.get(v["axis"])
-                if worst is None or v["delta_top1"] < worst["delta_top1"]:
+                if worst is None or (v["delta_top1"], -v["flip_rate"]) < (worst["delta_top1"], -worst["flip_rate"]):
                     axes[v["axis"]] = {"variant": v["name"], "delta_top1": v["delta_top1"], "flip_rate": v["flip_rate"]}
         out["sysnoise"] = {
             "samples": sn["samples"], "reference_top1": sn["reference"]["top1"], "worst_per_axis": axes,
