@@ -88,19 +88,39 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _collect(loader, n: int) -> tuple[Tensor, Tensor]:
-    images, labels, seen = [], [], 0
+def _collect(loader, n: int, keys: tuple[str, str] = ("image", "label"), source: str = "") -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples' ``keys`` (images as float), e.g. images and labels, or images and tokens."""
+    from foundation.data import DataError
+
+    got: dict[str, list[Tensor]] = {k: [] for k in keys}
+    seen = 0
     for batch in loader:
-        images.append(batch["image"][: n - seen])
-        labels.append(batch["label"][: n - seen])
-        seen += images[-1].shape[0]
+        for k in keys:
+            if k not in batch:
+                raise DataError(f"{source}: the calibration shards have no {k!r} for this model "
+                                f"({'captions for the text tower' if k == 'tokens' else 'a missing key'})")
+            got[k].append(batch[k][: n - seen])
+        seen += got[keys[0]][-1].shape[0]
         if seen >= n:
             break
-    if not images:
-        from foundation.data import DataError
+    if not seen:
+        raise DataError(f"{source}: the calibration shards yielded no samples")
+    first, second = (torch.cat(got[k]) for k in keys)
+    return (first.float() if keys[0] == "image" else first), second
 
-        raise DataError("the calibration shards yielded no images")
-    return torch.cat(images).float(), torch.cat(labels)
+
+def _finish(args, configs, out: Path, rows: list[dict], name: str, fp_top1: float | None, split: str, recipe,
+            calib_images: int) -> int:
+    """Write results.json / results.md with the FP row first, print the table, log to W&B if asked."""
+    from foundation.quant.report import markdown_table, write_results
+
+    if fp_top1 is not None:
+        rows.insert(0, _fp_row(name, fp_top1, split))
+    json_path, md_path = write_results(out, rows)
+    print(markdown_table(rows))
+    print(f"results: {json_path} and {md_path}")
+    _wandb(args, configs, rows, md_path, recipe, calib_images, split)
+    return 0
 
 
 def _fp_row(model: str, top1: float, split: str) -> dict:
@@ -115,7 +135,7 @@ def _tag(cfg: QuantConfig) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from foundation.data.shards import build_eval_loader
     from foundation.engine.checkpoint import load_model
-    from foundation.quant.report import markdown_table, write_results
+    from foundation.quant.report import write_results
     from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
 
     configs = configs_from_args(args)
@@ -129,7 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     batch_size = configs[0].batch_size
     calib_n = max(c.calib_images for c in configs)
     calib, calib_labels = _collect(build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train"),
-                                   calib_n)
+                                   calib_n, source=args.data)
     print(f"calibration: {calib.shape[0]} images from {args.data}")
 
     def batches():
@@ -176,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         predictors = {"fp": on_device(model), "q": on_device(qmodel)}
         onnx_info = None
         if args.onnx:
-            from foundation.quant.onnx_export import export_onnx, ort_predict, ort_session
+            from foundation.quant.onnx_export import export_onnx
 
             onnx_info = export_onnx(qmodel.cpu(), example, out / tag / "model.onnx")
             qmodel.to(device)
@@ -200,13 +220,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"PTQ {row['ptq_seconds']:.1f} s" + (f"; onnxruntime ({onnx_info['deployment']}) top-1 "
                                                    f"{100 * onnx_info['top1']:.2f}, agrees with simulation on "
                                                    f"{100 * onnx_info['agreement_sim']:.2f}%" if onnx_info else ""))
-    if fp_top1 is not None:
-        rows.insert(0, _fp_row(name, fp_top1, split))
-    json_path, md_path = write_results(out, rows)
-    print(markdown_table(rows))
-    print(f"results: {json_path} and {md_path}")
-    _wandb(args, configs, rows, md_path, recipe, calib.shape[0], split)
-    return 0
+    return _finish(args, configs, out, rows, name, fp_top1, split, recipe, calib.shape[0])
 
 
 def _wandb(args, configs, rows, md_path, recipe, calib_images: int, split: str) -> None:
@@ -241,7 +255,7 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
     from foundation.data.captions import TEMPLATES
     from foundation.data.shards import build_eval_loader
     from foundation.models.dual_encoder import ImageTower, TextTower
-    from foundation.quant.report import markdown_table, write_results
+    from foundation.quant.report import write_results
     from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
 
     if args.onnx:
@@ -249,19 +263,8 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
               "quantized and evaluated in PyTorch only")
     batch_size = configs[0].batch_size
     calib_n = max(c.calib_images for c in configs)
-    images, tokens, seen = [], [], 0
-    for b in build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train", tokenizer=model.tokenize):
-        if "tokens" not in b:
-            raise DataError(f"{args.data}: the calibration shards have no captions for the text tower "
-                            f"(data.text_key {recipe.data.text_key!r})")
-        images.append(b["image"][: calib_n - seen].float())
-        tokens.append(b["tokens"][: calib_n - seen])
-        seen += images[-1].shape[0]
-        if seen >= calib_n:
-            break
-    if not images:
-        raise DataError("the calibration shards yielded no samples")
-    calib, calib_tokens = torch.cat(images), torch.cat(tokens)
+    calib, calib_tokens = _collect(build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train",
+                                                     tokenizer=model.tokenize), calib_n, ("image", "tokens"), args.data)
     print(f"calibration: {calib.shape[0]} images and captions from {args.data}")
 
     val_spec = args.val or args.data
@@ -319,10 +322,4 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
         print(f"   zero-shot top-1 {100 * row['top1']:.2f} (FP {100 * fp_top1:.2f}; image tower alone "
               f"{100 * row['top1_image_tower_only']:.2f}, text tower alone {100 * row['top1_text_tower_only']:.2f}), "
               f"agreement {100 * row['agreement_fp']:.2f}, PTQ {row['ptq_seconds']:.1f} s")
-    if fp_top1 is not None:
-        rows.insert(0, _fp_row(name, fp_top1, split))
-    json_path, md_path = write_results(out, rows)
-    print(markdown_table(rows))
-    print(f"results: {json_path} and {md_path}")
-    _wandb(args, configs, rows, md_path, recipe, calib.shape[0], split)
-    return 0
+    return _finish(args, configs, out, rows, name, fp_top1, split, recipe, calib.shape[0])
