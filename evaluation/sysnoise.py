@@ -526,7 +526,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90,
                    help="quality for re-encoding lossless images before the decoder comparison (default 90)")
     p.add_argument("--int8", metavar="QUANT_DIR",
-                   help="a quantized checkpoint written by `foundation quantize`: adds its row to the precision axis")
+                   help="a quantized checkpoint written by `foundation quantize`: adds its row (simulated) to the "
+                        "precision axis, and a row for its onnxruntime deployment when it was exported with --onnx")
     p.set_defaults(func=run_cli)
 
 
@@ -535,7 +536,13 @@ def _int8_model(path: str | None, device) -> dict[str, nn.Module] | None:
         return None
     from foundation.quant.runner import load_quantized
 
-    return {"int8": load_quantized(path, device)}
+    models = {"int8": load_quantized(path, device)}
+    onnx_path = Path(path) / "model.onnx"
+    if onnx_path.is_file():  # exported with --onnx: the deployed model in onnxruntime gets its own row
+        from foundation.quant.onnx_export import OnnxRuntimeModel
+
+        models["int8_onnxruntime"] = OnnxRuntimeModel(onnx_path)
+    return models
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -224,6 +224,19 @@ def ort_predict(session, images: Tensor | np.ndarray, batch_size: int = 64) -> n
                            for i in range(0, x.shape[0], batch_size)])
 
 
+class OnnxRuntimeModel(nn.Module):
+    """An exported model run by onnxruntime (CPU) behind a module's call: float32 images in, outputs
+    out on the input's device — so an evaluation can treat the deployed model like any other."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        self.path = str(path)
+        self.session = ort_session(path, threads)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.from_numpy(ort_predict(self.session, images.detach().cpu().float())).to(images.device)
+
+
 def ort_quantize_static(fp32_path: str | Path, calib: Tensor, out_path: str | Path, per_channel: bool = True) -> Path:
     """onnxruntime's own static INT8 quantization (QDQ, uint8 activations, int8 weights), same calibration images."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
