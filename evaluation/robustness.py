@@ -400,14 +400,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False) -> EvalSetup:
-    """The model in eval mode plus the data settings of its recipe (a run directory means its newest checkpoint)."""
+def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, data_spec: str | None = None
+               ) -> EvalSetup:
+    """The model in eval mode plus the data settings of its recipe (a run directory means its newest checkpoint).
+
+    A CLIP/DeCLIP checkpoint becomes a zero-shot classifier over the class names in the manifest of
+    ``data_spec`` (default: the recipe's ``data.val``)."""
     from foundation.data.transforms import normalization
     from foundation.engine.checkpoint import load_model
+    from foundation.models.dual_encoder import DualEncoder
 
     dev = resolve_device(device)
     model, recipe = load_model(checkpoint, device=str(dev), **({"ema": True} if ema else {}))
     model.eval()
+    if isinstance(model, DualEncoder):
+        from evaluation.zeroshot import ZeroShotClassifier
+        from foundation.data import DataError
+        from foundation.data.shards import class_names
+
+        spec = data_spec or recipe.data.val
+        names = class_names(spec) if spec else None
+        if not names:
+            raise DataError(f"{checkpoint} is a dual encoder: it is evaluated as a zero-shot classifier, which needs "
+                            f"class names in the manifest of the data ({spec or 'no --data and no data.val'})")
+        model = ZeroShotClassifier(model, names, device=dev).eval()
     data = recipe.data
     mean, std = normalization(data)
     return EvalSetup(model, recipe, Path(checkpoint), data.image_size, data.in_chans, mean, std,
@@ -587,7 +603,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup = load_setup(args.checkpoint, args.device, args.ema)
+    setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
     spec = args.data or setup.recipe.data.val
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)
@@ -607,7 +623,7 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"error: --reference-errors: {e}", file=sys.stderr)
             return 2
     elif args.reference:
-        ref_setup = load_setup(args.reference, args.device)  # the reference's own recipe: its size and stats
+        ref_setup = load_setup(args.reference, args.device, data_spec=args.data)  # its own size and stats
         ref_args = argparse.Namespace(**{**vars(args), "corruptions": corruptions})
         reference = _evaluate_checkpoint(ref_setup, ref_args, [], args.data or ref_setup.recipe.data.val,
                                          desc="reference")

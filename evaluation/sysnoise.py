@@ -549,7 +549,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval sysnoise``: evaluate, then write JSON + report + plot (+ W&B with --wandb)."""
     from evaluation.report import log_to_wandb, write_sysnoise_report
 
-    setup = load_setup(args.checkpoint, args.device, args.ema)
+    setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
     spec = args.data or setup.recipe.data.val
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)

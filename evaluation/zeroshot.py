@@ -37,6 +37,23 @@ def zeroshot_classifier(model: nn.Module, class_names: Sequence[str], templates:
     return F.normalize(per_prompt.mean(dim=1), dim=-1).t()  # (E, C)
 
 
+class ZeroShotClassifier(nn.Module):
+    """A dual encoder as a classifier over ``class_names``: logits = scale · (normalised image embedding
+    @ class text embeddings of the prompt ensemble). Lets the classifier evaluations (robustness,
+    SysNoise) run on CLIP/DeCLIP checkpoints; gradients flow through the image tower (attacks)."""
+
+    def __init__(self, model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.class_names = list(class_names)
+        self.register_buffer("weights", zeroshot_classifier(model, self.class_names, templates, device))  # (E, C)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.model.encode_image(images, normalize=True)  # (B, E)
+        return self.model.scale().to(features.dtype) * features @ self.weights.to(features.dtype)  # (B, C)
+
+
 @torch.no_grad()
 def evaluate_zeroshot(
     model: nn.Module,
@@ -82,4 +99,4 @@ def evaluate_zeroshot(
     }
 
 
-__all__ = ["evaluate_zeroshot", "loader_class_names", "zeroshot_classifier"]
+__all__ = ["ZeroShotClassifier", "evaluate_zeroshot", "loader_class_names", "zeroshot_classifier"]

@@ -239,6 +239,25 @@ def test_quantize_a_dual_encoder_with_outlier_suppression_on_both_towers(declip_
     assert (out / "qdrop_w8a8_os_academic" / "image" / "quant.json").is_file()
 
 
+def test_robustness_and_sysnoise_evaluate_a_dual_encoder_as_a_zero_shot_classifier(declip_run, shards, tmp_path):
+    from foundation.cli import main
+
+    summary, run_dir = declip_run
+    rob, sn = tmp_path / "robustness", tmp_path / "sysnoise"
+    assert main(["eval", "robustness", "--checkpoint", str(run_dir), "--data", str(shards), "--corruptions",
+                 "contrast", "--severities", "5", "--eps", "4/255", "--pgd-steps", "3", "--quiet", "--out", str(rob)]) == 0
+    result = json.loads((rob / "robustness.json").read_text())
+    assert result["samples"] == 64 and result["pipeline_matches_training"]
+    # the same images, prompts and preprocessing as the training loop's zero-shot evaluation
+    assert result["clean_accuracy"] == pytest.approx(summary["eval/zeroshot/top1_ensemble"])
+    assert len(result["corruptions"]["error"]["contrast"]) == 1
+    assert {a["attack"] for a in result["adversarial"]["attacks"]} == {"fgsm", "pgd"}
+    assert main(["eval", "sysnoise", "--checkpoint", str(run_dir), "--data", str(shards), "--axes", "precision",
+                 "--quiet", "--out", str(sn)]) == 0
+    rows = {r["name"]: r for r in json.loads((sn / "sysnoise.json").read_text())["variants"]}
+    assert rows["bf16"]["status"] == "ok" and rows["fp16"]["status"] == "ok"
+
+
 @pytest.mark.parametrize("vit_kwargs", [
     {"pre_norm": True, "class_token": True, "global_pool": "token"},  # CLIP-style: ln_pre, no patch bias
     {"global_pool": "avg", "init_values": 0.1, "qkv_bias": False},  # fc_norm after pooling, LayerScale
