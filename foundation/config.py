@@ -233,11 +233,11 @@ class Recipe(Section):
 
 def _check_choice(name: str, choices: dict | list) -> str:
     if name not in choices:
-        raise ValueError(f"unknown name {name!r}{_suggest(name, choices)}; choose from {sorted(choices)}")
+        raise ValueError(f"unknown name {name!r}{suggest(name, choices)}; choose from {sorted(choices)}")
     return name
 
 
-def _suggest(word: str, choices) -> str:
+def suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -263,9 +263,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _section_model(path: list[str]) -> type[BaseModel] | None:
-    """The pydantic model that owns the mapping at ``path`` (None when it is a free-form dict)."""
-    model: type[BaseModel] = Recipe
+def _section_model(path: list[str], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``path`` under ``root`` (default: the recipe); None when
+    it is a free-form dict."""
+    model: type[BaseModel] = root or Recipe
     for key in path:
         field = model.model_fields.get(key)
         ann = field.annotation if field else None
@@ -291,7 +292,7 @@ def apply_override(data: dict, dotted: str) -> dict:
         if owner is not None and part not in owner.model_fields:
             where = ".".join(parts[: i + 1])
             raise RecipeError(
-                f"override {where}: no such key{_suggest(part, owner.model_fields)}; "
+                f"override {where}: no such key{suggest(part, owner.model_fields)}; "
                 f"valid keys here: {sorted(owner.model_fields)}"
             )
         if i == len(parts) - 1:
@@ -305,16 +306,18 @@ def apply_override(data: dict, dotted: str) -> dict:
     return data
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe"]
+def format_errors(err: ValidationError, source: str, root: type[BaseModel] | None = None, what: str = "recipe") -> str:
+    """One line per validation error of a ``root`` model (default: the recipe), naming the key path, the
+    valid keys or values and a close match."""
+    lines = [f"{source}: invalid {what}"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            owner = _section_model([str(p) for p in e["loc"][:-1]])
+            owner = _section_model([str(p) for p in e["loc"][:-1]], root)
             valid = sorted(owner.model_fields) if owner else []
-            lines.append(f"  {path}: unknown key{_suggest(e['loc'][-1], valid)}; valid keys here: {valid}")
+            lines.append(f"  {path}: unknown key{suggest(e['loc'][-1], valid)}; valid keys here: {valid}")
         elif e["type"] == "literal_error":
-            lines.append(f"  {path}: {e['msg']} (got {e['input']!r}){_suggest(e['input'], _literal_choices(e))}")
+            lines.append(f"  {path}: {e['msg']} (got {e['input']!r}){suggest(e['input'], _literal_choices(e))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
@@ -345,7 +348,7 @@ def validate(data: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, source)) from None
+        raise RecipeError(format_errors(e, source)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

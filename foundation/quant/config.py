@@ -7,7 +7,6 @@ the allowed values (``RecipeError``; the CLI exits with code 2). Command-line fl
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from foundation.config import RecipeError
+from foundation.config import RecipeError, format_errors, suggest
 from foundation.quant.fake_quant import QSpec
 
 ObserverName = Literal["minmax", "ema_minmax", "mse", "percentile"]
@@ -148,29 +147,7 @@ class QuantConfig(Section):
 
 def _check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{key}: unknown name {value!r}{hint}; choose from {sorted(choices)}")
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid quantization recipe"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            owner: type[BaseModel] = QuantConfig
-            for key in e["loc"][:-1]:
-                ann = owner.model_fields[str(key)].annotation
-                owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else owner
-            valid = sorted(owner.model_fields)
-            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"  {path}: unknown key{hint}; valid keys here: {valid}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
-            lines.append(f"  {path}: {msg}{got}" if path else f"  {msg}")
-    return "\n".join(lines)
+        raise ValueError(f"{key}: unknown name {value!r}{suggest(value, choices)}; choose from {sorted(choices)}")
 
 
 def load_quant_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QuantConfig:
@@ -197,4 +174,4 @@ def load_quant_config(path: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return QuantConfig.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, source)) from None
+        raise RecipeError(format_errors(e, source, QuantConfig, "quantization recipe")) from None
