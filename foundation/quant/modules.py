@@ -181,6 +181,13 @@ class _BiasQuant:
     def set_input_source(self, q: Quantizer | None) -> None:
         self.__dict__["_input_source"] = [q] if q is not None else []  # not a submodule: saved once
 
+    def _quant_forward(self, x: Tensor, op) -> Tensor:
+        """input quantizer → ``op(x, quantized weight, quantized bias)`` → output quantizer."""
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        y = op(x, self.weight_quant(self.weight), self.quant_bias())
+        return self.output_quant(y) if self.output_quant is not None else y
+
     def quant_bias(self) -> Tensor | None:
         b = self.bias
         iq = self.input_quant if self.input_quant is not None else self.input_source
@@ -207,12 +214,7 @@ class QuantConv2d(_BiasQuant, nn.Conv2d):
         return q.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        y = self._conv_forward(x, self.weight_quant(self.weight), self.quant_bias())
-        if self.output_quant is not None:
-            y = self.output_quant(y)
-        return y
+        return self._quant_forward(x, self._conv_forward)
 
 
 class QuantLinear(_BiasQuant, nn.Linear):
@@ -230,12 +232,7 @@ class QuantLinear(_BiasQuant, nn.Linear):
         return q.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        y = nn.functional.linear(x, self.weight_quant(self.weight), self.quant_bias())
-        if self.output_quant is not None:
-            y = self.output_quant(y)
-        return y
+        return self._quant_forward(x, nn.functional.linear)
 
 
 class QuantOutput(nn.Module):
