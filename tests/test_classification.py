@@ -39,11 +39,11 @@ def test_checkpoint_loads_in_timm_and_eval_cli(digits_shards, tmp_path):
         "import foundation, timm, torch, sys\n"
         f"m = timm.create_model('ceit_test', num_classes=10, in_chans=1, img_size=32, "
         f"checkpoint_path='{ckpt / 'model.safetensors'}').eval()\n"
-        f"torch.save(m(torch.load('{tmp_path / 'x.pt'}')), '{tmp_path / 'y.pt'}')\n"
+        f"torch.save(m(torch.load('{tmp_path / 'x.pt'}', weights_only=True)), '{tmp_path / 'y.pt'}')\n"
     )
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), ours, rtol=0, atol=1e-6)
 
     out = subprocess.run([PYTHON, "-m", "foundation.cli", "eval", "classification", "--checkpoint", str(recipe.run_dir),
                           "--data", str(digits_shards), "--out", str(tmp_path / "eval.json")],

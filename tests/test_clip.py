@@ -169,7 +169,7 @@ config, weights, name, io_path = sys.argv[1:5]
 open_clip.add_model_config(config)
 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
 model.eval()
-data = torch.load(io_path)
+data = torch.load(io_path, weights_only=True)
 with torch.no_grad():
     data["open_clip_image"] = model.encode_image(data["images"])
     data["open_clip_text"] = model.encode_text(data["tokens"])
@@ -193,7 +193,7 @@ def test_open_clip_export_round_trip_in_a_clean_process(declip_run, tmp_path):
     proc = subprocess.run([PYTHON, "-c", ROUND_TRIP, str(out / "tiny-declip.json"), str(out / "open_clip_model.safetensors"),
                            "tiny-declip", str(io_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = torch.load(io_path)
+    theirs = torch.load(io_path, weights_only=True)
     with torch.no_grad():
         assert torch.allclose(theirs["open_clip_image"], model.encode_image(grey), atol=1e-5)
         assert torch.allclose(theirs["open_clip_text"], model.encode_text(tokens), atol=1e-5)

@@ -14,6 +14,8 @@ point with ``compute_qparams``.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,7 @@ def _finish(lo: Tensor, hi: Tensor, spec: QSpec) -> tuple[Tensor, Tensor]:
     return (lo, hi) if spec.per_channel else (lo.reshape(()), hi.reshape(()))
 
 
-class Observer:
+class Observer(abc.ABC):
     """Base: running ``lo``/``hi`` as (C,) vectors (C = 1 per tensor)."""
 
     def __init__(self, spec: QSpec) -> None:
@@ -51,8 +53,9 @@ class Observer:
         self.hi: Tensor | None = None
         self.batches = 0
 
+    @abc.abstractmethod
     def update(self, x: Tensor) -> None:
-        raise NotImplementedError
+        """Fold one batch of the observed tensor into the running range."""
 
     def range(self) -> tuple[Tensor, Tensor]:
         if self.lo is None or self.hi is None:
@@ -89,8 +92,9 @@ class EMAMinMaxObserver(Observer):
 class _AveragingObserver(Observer):
     """Averages a per-batch range estimate over batches."""
 
+    @abc.abstractmethod
     def _batch_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """(lo, hi) per row of one batch."""
 
     def update(self, x: Tensor) -> None:
         lo, hi = self._batch_range(_subsample(_as_rows(x, self.spec)))
