@@ -418,7 +418,7 @@ def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, 
         from foundation.data import DataError
         from foundation.data.shards import class_names
 
-        spec = data_spec or recipe.data.val
+        spec = data_spec or checkpoint_data(recipe)
         names = class_names(spec) if spec else None
         if not names:
             raise DataError(f"{checkpoint} is a dual encoder: it is evaluated as a zero-shot classifier, which needs "
@@ -428,6 +428,14 @@ def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, 
     mean, std = normalization(data)
     return EvalSetup(model, recipe, Path(checkpoint), data.image_size, data.in_chans, mean, std,
                      data.augment.crop_pct, data.augment.interpolation, dev)
+
+
+def checkpoint_data(recipe) -> str | None:
+    """The checkpoint recipe's ``data.val`` when no ``--data`` is given: local paths only (a checkpoint is data
+    someone else may have written; a ``pipe:`` or URL source in it would run or fetch something)."""
+    from foundation.data import local_spec
+
+    return local_spec(recipe.data.val, "the checkpoint's data.val") if recipe.data.val else None
 
 
 def default_out_dir(setup: EvalSetup, name: str) -> Path:
@@ -604,7 +612,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
-    spec = args.data or setup.recipe.data.val
+    spec = args.data or checkpoint_data(setup.recipe)
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)
         return 2
@@ -625,7 +633,7 @@ def run_cli(args: argparse.Namespace) -> int:
     elif args.reference:
         ref_setup = load_setup(args.reference, args.device, data_spec=args.data)  # its own size and stats
         ref_args = argparse.Namespace(**{**vars(args), "corruptions": corruptions})
-        reference = _evaluate_checkpoint(ref_setup, ref_args, [], args.data or ref_setup.recipe.data.val,
+        reference = _evaluate_checkpoint(ref_setup, ref_args, [], args.data or checkpoint_data(ref_setup.recipe),
                                          desc="reference")
         ref_errors, ref_clean = reference["corruptions"]["error"], reference["clean_error"]
         (out / "reference_robustness.json").write_text(json.dumps(reference, indent=2))

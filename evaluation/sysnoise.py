@@ -46,6 +46,7 @@ from evaluation.robustness import (
     batched,
     centre_crop,
     check_pipeline,
+    checkpoint_data,
     default_out_dir,
     iter_raw,
     load_setup,
@@ -550,7 +551,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from evaluation.report import log_to_wandb, write_sysnoise_report
 
     setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
-    spec = args.data or setup.recipe.data.val
+    spec = args.data or checkpoint_data(setup.recipe)
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)
         return 2

@@ -21,26 +21,38 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from foundation.config import load_recipe
-    from foundation.train import train
+    from foundation.train import load_checked, train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_checked(args.recipe, args.overrides)
     summary = train(recipe)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def cmd_recipes_check(args: argparse.Namespace) -> int:
-    from foundation.config import RecipeError, load_recipe
+def recipe_loaders() -> dict:
+    """Recipe kind -> loader. A file's kind is the name of the directory it sits in (``recipes/quant/x.yaml``
+    is a ``quant`` recipe); a file in any other directory is a training recipe. Adding a kind is one line."""
+    from foundation.quant.config import load_quant_config
+    from foundation.train import load_checked
 
+    return {"training": load_checked, "quant": load_quant_config}
+
+
+def cmd_recipes_check(args: argparse.Namespace) -> int:
+    from foundation.config import RecipeError
+
+    loaders = recipe_loaders()
     paths: list[Path] = []
     for p in map(Path, args.paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such recipe file or directory")
         paths.extend(sorted(p.rglob("*.yaml")) if p.is_dir() else [p])
     failed = 0
     for path in paths:
+        kind = path.parent.name if path.parent.name in loaders else "training"
         try:
-            load_recipe(path)
-            print(f"ok    {path}")
+            loaders[kind](path)
+            print(f"ok    {path} ({kind})")
         except RecipeError as e:
             failed += 1
             print(f"FAIL  {e}")

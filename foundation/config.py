@@ -87,6 +87,12 @@ class TextTowerConfig(Section):
     heads: int | None = Field(None, gt=0)  # CLIP: 8
     layers: int | None = Field(None, gt=0)  # CLIP: 12
     mlp_ratio: float | None = Field(None, gt=0)  # CLIP: 4.0
+    # A Hugging Face text tower (open_clip's HFTextEncoder) instead, when hf_model or hf_type is set:
+    hf_model: str | None = None  # local HF model directory (config.json [+ model.safetensors]); no code is run
+    hf_type: str | None = None  # no directory: a transformers architecture ("bert", "roberta") from the dims above
+    hf_tokenizer: str | None = None  # local HF tokenizer directory; None: open_clip's BPE, vocab sized to it
+    hf_pooler: Literal["cls", "mean"] = "cls"  # first token's last hidden state, or the mean over non-padding
+    hf_proj: Literal["linear", "mlp"] = "linear"  # projection into the joint space
 
 
 class DualEncoderConfig(Section):
@@ -100,6 +106,20 @@ class DualEncoderConfig(Section):
     max_logit_scale: float = Field(100.0, gt=0)  # the temperature's scale exp(logit_scale) is clamped here
 
 
+# timm.create_model options that read or fetch files: torch.load of a path (weights_only=False on some timm
+# versions: code execution), hub downloads. A recipe or checkpoint written by someone else must not reach them.
+FILE_LOADING_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
+
+
+def refuse_file_loading(kwargs: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``kwargs`` for ``timm.create_model``, or ValueError when one of them would make timm read a file."""
+    refused = sorted(FILE_LOADING_KWARGS & set(kwargs))
+    if refused:
+        raise ValueError(f"{where + ': ' if where else ''}{refused} would make timm load or fetch a file, which is "
+                         "refused; load weights with model.init (safetensors or weights_only checkpoints)")
+    return dict(kwargs)
+
+
 class ModelConfig(Section):
     """The network, created by name through timm's registry (our own models register there too)."""
 
@@ -111,6 +131,11 @@ class ModelConfig(Section):
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = {}  # further keyword arguments for timm.create_model
     dual_encoder: DualEncoderConfig = Field(default_factory=DualEncoderConfig)  # tasks clip/declip only
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_file_loading(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return refuse_file_loading(kwargs)
 
 
 class DeclipConfig(Section):
@@ -132,18 +157,12 @@ class DeclipConfig(Section):
 class TaskConfig(Section):
     """What is optimised. ``name`` is a key of ``foundation.tasks.TASKS``."""
 
-    name: str = "classification"
+    name: str = "classification"  # a key of foundation.tasks.TASKS (checked when the task is built)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
     cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables
     declip: DeclipConfig = Field(default_factory=DeclipConfig)  # tasks clip/declip only
 
-    @field_validator("name")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        from foundation.tasks import TASKS
-
-        return _check_choice(name, TASKS)
 
 
 class OptimConfig(Section):
@@ -178,13 +197,6 @@ class TrainConfig(Section):
     nan_patience: int = Field(5, ge=1)  # stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict names unchanged)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # keep an EMA of the model's weights (timm ModelEmaV3)
-
-    @field_validator("evals")
-    @classmethod
-    def _known_evals(cls, names: list[str] | None) -> list[str] | None:
-        from evaluation import EVALS
-
-        return None if names is None else [_check_choice(name, EVALS) for name in names]
 
 
 class ParallelConfig(Section):
@@ -231,10 +243,13 @@ class Recipe(Section):
 # loading
 
 
-def _check_choice(name: str, choices: dict | list) -> str:
-    if name not in choices:
-        raise ValueError(f"unknown name {name!r}{suggest(name, choices)}; choose from {sorted(choices)}")
-    return name
+def lookup(registry: dict, name: str, where: str):
+    """``registry[name]``, or a ``RecipeError`` naming the key path, a close match and the choices.
+
+    Registries (``TASKS``, ``EVALS``) are checked where they are used, so this module imports none of them."""
+    if name not in registry:
+        raise RecipeError(f"{where}: unknown name {name!r}{suggest(name, registry)}; choose from {sorted(registry)}")
+    return registry[name]
 
 
 def suggest(word: str, choices) -> str:

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from evaluation import EVALS
-from foundation.config import OptimConfig, Recipe, dump_recipe
+from foundation.config import OptimConfig, Recipe, RecipeError, dump_recipe, load_recipe, lookup
 from foundation.data.shards import build_eval_loader, build_train_loader
 from foundation.engine.checkpoint import (
     CheckpointError, find_latest, load_state, load_task_weights, load_weights, read_tensors, rng_state,
@@ -91,8 +91,29 @@ def resolve_resume(resume: str, checkpoints: Path) -> Path | None:
     return path
 
 
+def check_names(recipe: Recipe) -> None:
+    """Task and evaluation names against their registries; one ``RecipeError`` listing every unknown one."""
+    problems = []
+    for where, registry, name in [("task.name", TASKS, recipe.task.name)] + [
+            (f"train.evals.{i}", EVALS, e) for i, e in enumerate(recipe.train.evals or [])]:
+        try:
+            lookup(registry, name, where)
+        except RecipeError as e:
+            problems.append(f"  {e}")
+    if problems:
+        raise RecipeError("\n".join(["invalid recipe", *problems]))
+
+
+def load_checked(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """``load_recipe`` plus the registry names (``check_names``): what ``foundation train`` runs."""
+    recipe = load_recipe(path, overrides)
+    check_names(recipe)
+    return recipe
+
+
 def train(recipe: Recipe) -> dict:
     """Run the recipe to ``train.steps`` (resuming when a checkpoint says so); returns the summary."""
+    check_names(recipe)
     info = init_distributed(recipe.parallel, recipe.train.device)
     try:
         return _train(recipe, info)

@@ -11,6 +11,7 @@ import yaml
 from conftest import PYTHON, REPO
 from foundation.cli import main
 from foundation.config import RecipeError, apply_override, load_recipe
+from foundation.train import load_checked
 
 
 def write(tmp_path: Path, name: str, data: dict) -> Path:
@@ -39,7 +40,13 @@ def test_bad_choice_lists_choices_and_suggests(tmp_path):
         load_recipe(p)
     msg = str(e.value)
     assert "train.precision" in msg and "'fp32', 'bf16' or 'fp16'" in msg
+    # registry names are checked where the registries live (foundation.train), still before any work
+    p = write(tmp_path, "r.yaml", {"task": {"name": "clasification"}, "train": {"evals": ["zeroshto"]}})
+    with pytest.raises(RecipeError) as e:
+        load_checked(p)
+    msg = str(e.value)
     assert "task.name" in msg and "did you mean 'classification'" in msg
+    assert "train.evals.0" in msg and "did you mean 'zeroshot'" in msg
 
 
 def test_override_of_missing_key(tmp_path):

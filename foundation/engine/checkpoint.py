@@ -162,7 +162,7 @@ def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False):
     """The trained model of a checkpoint (or a run directory: its newest checkpoint) in eval mode,
     and the recipe it was trained with; ``ema`` takes the EMA weights. Evaluation and quantization
     start here."""
-    from foundation.config import load_recipe
+    from foundation.config import load_recipe, lookup
     from foundation.tasks import TASKS
 
     path = Path(checkpoint)
@@ -172,7 +172,7 @@ def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False):
             raise CheckpointError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
         path = latest
     recipe = load_recipe(path / "recipe.yaml")
-    task = TASKS[recipe.task.name].build(recipe.model, recipe.task, recipe.data)
+    task = lookup(TASKS, recipe.task.name, f"{path / 'recipe.yaml'}: task.name").build(recipe.model, recipe.task, recipe.data)
     load_task_weights(task, path)
     if ema:
         if not (path / "ema.safetensors").is_file():

@@ -7,7 +7,7 @@ import difflib
 import timm
 from torch import nn
 
-from foundation.config import ModelConfig
+from foundation.config import ModelConfig, refuse_file_loading
 
 
 def create_backbone(cfg: ModelConfig, in_chans: int = 3) -> nn.Module:
@@ -21,7 +21,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3) -> nn.Module:
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {close}?" if close else "; see timm.list_models()"
         raise ValueError(f"model.backbone: unknown model {cfg.backbone!r}{hint}")
-    kwargs = dict(cfg.kwargs)
+    kwargs = refuse_file_loading(cfg.kwargs, "model.kwargs")  # also for recipes built without validation
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     if cfg.patch_size is not None:
@@ -35,3 +35,4 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3) -> nn.Module:
         in_chans=cfg.in_chans if cfg.in_chans is not None else in_chans,
         **kwargs,
     )
+

@@ -116,7 +116,10 @@ def build_architecture(arch: dict) -> nn.Module:
         dual = TASKS[recipe.task.name].build(recipe.model, recipe.task, recipe.data).model
         return {"image": ImageTower, "text": TextTower}[arch["tower"]](dual)
     if arch.get("source") == "timm":
-        return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+        from foundation.config import refuse_file_loading
+
+        kwargs = refuse_file_loading(arch.get("kwargs", {}), "quant.json kwargs")
+        return timm.create_model(arch["name"], pretrained=False, **kwargs)
     raise ValueError(f"unknown architecture description {arch!r}: expected source 'timm' or 'recipe'")
 
 
