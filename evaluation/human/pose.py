@@ -1,0 +1,81 @@
+"""Pose metrics: COCO keypoint AP/AR by OKS (pycocotools' COCOeval, iouType ``keypoints``) and PCKh.
+
+``keypoint_ap`` takes the ground truth as a COCO dataset dict (``images``, ``annotations`` with
+``keypoints``/``area``/``bbox``/``iscrowd``, ``categories``) and the predictions as COCO results
+(``image_id``, ``category_id``, ``keypoints`` flat [x, y, score]*K, ``score``), in source-image pixels
+(a pose shard's ``crop[:2]`` moves crop coordinates back). Sigmas default to COCO's 17.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+
+from foundation.data.humans import COCO_SIGMAS
+
+COCO_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def keypoint_ap(gt: dict, results: list[dict], sigmas: list[float] | None = None) -> dict[str, float]:
+    """COCO keypoint AP/AR (OKS thresholds 0.50:0.05:0.95, 20 detections per image) via COCOeval."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        if not results:
+            return {k: 0.0 for k in COCO_STATS}
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        ev = COCOeval(coco_gt, coco_dt, "keypoints")
+        k = len(results[0]["keypoints"]) // 3
+        sig = sigmas if sigmas is not None else COCO_SIGMAS
+        if len(sig) != k:
+            raise ValueError(f"{k} keypoints but {len(sig)} OKS sigmas; give sigmas= for this skeleton")
+        ev.params.kpt_oks_sigmas = np.asarray(sig, np.float64)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(v) for name, v in zip(COCO_STATS, ev.stats)}
+
+
+def oks(pred: np.ndarray, gt: np.ndarray, area: float, sigmas: list[float] | None = None) -> float:
+    """Object keypoint similarity of one prediction (K, 2+) with one ground truth (K, 3), as COCOeval
+    computes it: mean over labelled keypoints of exp(-d² / (2 · area · (2σ)²))."""
+    sig = np.asarray(sigmas if sigmas is not None else COCO_SIGMAS, np.float64)
+    gt = np.asarray(gt, np.float64)
+    d2 = ((np.asarray(pred, np.float64)[:, :2] - gt[:, :2]) ** 2).sum(1)
+    e = d2 / (2 * sig) ** 2 / (area + np.spacing(1)) / 2
+    labelled = gt[:, 2] > 0
+    return float(np.exp(-e[labelled]).mean()) if labelled.any() else 0.0
+
+
+def head_size_from_box(head_boxes: np.ndarray) -> np.ndarray:
+    """MPII's head size: 0.6 × the diagonal of the head box [x1, y1, x2, y2] (N, 4) → (N,)."""
+    b = np.asarray(head_boxes, np.float64).reshape(-1, 4)
+    return 0.6 * np.hypot(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+
+
+def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.ndarray,
+         threshold: float = 0.5) -> dict:
+    """PCKh@threshold: a visible joint is correct when its error ≤ threshold × head size.
+
+    pred, gt (N, K, 2); visible (N, K) bool; head_size (N,). Returns ``PCKh`` over all visible joints and
+    ``per_joint`` (nan for a joint never visible).
+    """
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    vis = np.asarray(visible, bool)
+    err = np.linalg.norm(pred[..., :2] - gt[..., :2], axis=-1) / np.asarray(head_size, np.float64)[:, None]
+    correct = (err <= threshold) & vis
+    counts = vis.sum(0)
+    per_joint = np.where(counts > 0, correct.sum(0) / np.maximum(counts, 1), np.nan)
+    return {"PCKh": float(correct.sum() / max(vis.sum(), 1)), "per_joint": per_joint.tolist(),
+            "threshold": threshold}
+
+
+__all__ = ["COCO_STATS", "head_size_from_box", "keypoint_ap", "oks", "pckh"]
