@@ -10,8 +10,8 @@ precision at each match.
 ranks follow from its k true matches alone — the rank of match i is i plus the number of kept negatives
 closer than it, counted with one ``searchsorted`` of the negatives' distances into the k sorted match
 distances (O(G log k) instead of the O(G log G) ``argsort`` of every row). ``evaluate_reid_reference`` is
-the usual per-query loop (torchreid's ``eval_market1501``); the two give equal results (distance ties
-aside, which the reference breaks arbitrarily and ours in favour of the match), see
+the usual per-query loop (torchreid's ``eval_market1501``, with a stable argsort so that equal distances
+rank by gallery index); the two give equal results, ties included, see
 benchmarks/reid_eval.py.
 """
 
@@ -55,12 +55,19 @@ def evaluate_reid(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q
         negative = ~same & ~junk[None, :]  # kept images of other identities (distractors included)
         for c in range(e - s):
             d = dist[s + c]
-            dm = np.sort(d[match[c]])  # (k,) distances of the true matches
-            k = dm.size
+            mi = np.flatnonzero(match[c])  # gallery indices of the true matches
+            k = mi.size
             if k == 0:
                 continue
-            # a negative image ranks before match i when its distance is below dm[i] (ties: the match first)
-            below = np.searchsorted(dm, d[negative[c]], side="right")  # matches at or below each negative
+            order = np.argsort(d[mi], kind="stable")
+            mi = mi[order]
+            dm = d[mi]  # (k,) their distances, ascending
+            v = d[negative[c]]
+            below = np.searchsorted(dm, v, side="right")  # matches ranked before each negative
+            tie = (below > 0) & (dm[np.maximum(below - 1, 0)] == v)
+            if tie.any():  # equal distances rank by gallery index, as a stable argsort does
+                ni, vt = np.flatnonzero(negative[c])[tie], v[tie]
+                below[tie] = ((dm[None] < vt[:, None]) | ((dm[None] == vt[:, None]) & (mi[None] < ni[:, None]))).sum(1)
             before = np.cumsum(np.bincount(below, minlength=k + 1))[:k]  # negatives ranked before match i
             rank = np.arange(k) + before  # 0-based rank of each match among the kept images
             ap_sum += float(np.mean(np.arange(1, k + 1) / (rank + 1)))
@@ -76,10 +83,10 @@ def evaluate_reid(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q
 
 def evaluate_reid_reference(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
                             g_camids: np.ndarray, max_rank: int = 50, ranks: tuple[int, ...] = RANKS) -> dict:
-    """The per-query loop of torchreid's ``eval_market1501`` (numpy, argsort of every row): the reference."""
+    """The per-query loop of torchreid's ``eval_market1501`` (numpy, stable argsort of every row): the reference."""
     num_q, num_g = distmat.shape
     max_rank = min(max_rank, num_g)
-    indices = np.argsort(distmat, axis=1)
+    indices = np.argsort(distmat, axis=1, kind="stable")  # equal distances: lower gallery index first
     matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
     all_cmc, all_ap = [], []
     for q_idx in range(num_q):
