@@ -7,6 +7,12 @@ space, a learnable temperature.
 - text tower: open_clip's ``TextTransformer`` (from an open_clip model config and/or by dimensions),
   pooled at the end-of-text token, with its ``text_projection``; tokenised by open_clip's BPE
   tokenizer, whose vocabulary ships inside the open_clip wheel (no network);
+- or a Hugging Face text tower (``text.hf_model`` / ``text.hf_type``): open_clip's ``HFTextEncoder``
+  around a ``transformers`` model (BERT, RoBERTa, ...) from a local directory (its ``config.json`` and
+  safetensors weights; never remote code, never a pickle) or from a config built from the recipe's
+  dimensions (random init), pooled at the first token or by the mean over non-padding tokens, then
+  projected. Tokenised by a local HF tokenizer directory (``text.hf_tokenizer``) or, without one, by
+  open_clip's BPE tokenizer with the model's vocabulary sized to it (padding id 0, as open_clip pads);
 - ``logit_scale`` starts at ln(1/0.07); the scale ``exp(logit_scale)`` is clamped at ``max_logit_scale``.
 
 ``extra_tokens`` grows the vocabulary past the tokenizer's (DeCLIP's MLM adds a mask token); pooling
@@ -21,6 +27,7 @@ from __future__ import annotations
 import difflib
 import math
 from copy import deepcopy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +110,7 @@ class DualEncoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Position embeddings and class tokens (norms, biases and the temperature are 1-D: no decay anyway)."""
-        names = {f"text.{n}" for n in self.text.no_weight_decay()}
+        names = {f"text.{n}" for n in getattr(self.text, "no_weight_decay", lambda: set())()}
         names |= {f"visual.{n}" for n in getattr(self.visual, "no_weight_decay", lambda: set())()}
         return names
 
@@ -158,6 +165,140 @@ def open_clip_config(name: str, what: str) -> dict:
     return deepcopy(cfg)
 
 
+class HFTokenizer:
+    """A local Hugging Face tokenizer directory behind open_clip's tokenizer interface:
+    ``tokenizer(texts, context_length) -> (B, context_length)`` ids, padded with its own padding id.
+    Loaded with ``local_files_only`` and ``trust_remote_code=False``: nothing is downloaded or executed."""
+
+    def __init__(self, path: str | Path, context_length: int):
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
+        self.context_length = context_length
+        tok = self.tokenizer
+        self.sot_token_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        self.eot_token_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        self.pad_token_id = tok.pad_token_id
+        if None in (self.sot_token_id, self.eot_token_id, self.pad_token_id):
+            raise ValueError(f"model.dual_encoder.text.hf_tokenizer: {self.path} has no start (cls/bos), end "
+                             "(sep/eos) or padding token; a text tower needs all three")
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
+                              max_length=context_length or self.context_length)["input_ids"]
+
+
+HF_POOLERS = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}  # recipe name -> open_clip pooler
+
+
+def _local_dir(path: str, key: str) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ValueError(f"model.dual_encoder.text.{key}: {path!r} is not a directory; give a local Hugging Face "
+                         "directory (save_pretrained output): nothing is downloaded")
+    return directory.resolve()
+
+
+def _hf_transformer(config, model_dir: Path | None) -> nn.Module:
+    """The transformers model: safetensors weights from ``model_dir`` when it has them, else random init."""
+    from transformers import AutoModel
+
+    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+    if model_dir is not None and any(model_dir.glob("*.safetensors")):
+        return AutoModel.from_pretrained(model_dir, config=config, local_files_only=True, trust_remote_code=False,
+                                         use_safetensors=True, **kwargs)
+    if model_dir is not None and any(model_dir.glob("*.bin")):
+        raise ValueError(f"model.dual_encoder.text.hf_model: {model_dir} holds PyTorch pickle weights (*.bin), "
+                         "which are never loaded (loading a pickle can run code); re-save them with "
+                         "save_pretrained(..., safe_serialization=True)")
+    return AutoModel.from_config(config, **kwargs)
+
+
+def build_hf_text_tower(text, embed_dim: int, extra_tokens: int = 0) -> tuple[nn.Module, object, dict]:
+    """(open_clip ``HFTextEncoder`` returning (pooled projection, token features), tokenizer, text_cfg)
+    for ``model.dual_encoder.text`` with ``hf_model`` or ``hf_type`` set."""
+    import transformers
+    from open_clip.hf_configs import arch_dict
+    from open_clip.hf_model import HFTextEncoder
+
+    key = "model.dual_encoder.text"
+    if text.hf_model and text.hf_type:
+        raise ValueError(f"{key}: set hf_model (a directory) or hf_type (an architecture), not both")
+    if text.open_clip:
+        raise ValueError(f"{key}: open_clip names an open_clip text tower; it cannot be combined with hf_model/hf_type")
+    model_dir = _local_dir(text.hf_model, "hf_model") if text.hf_model else None
+    if model_dir is not None:
+        given = [k for k in ("width", "heads", "layers", "mlp_ratio") if getattr(text, k) is not None]
+        if given:
+            raise ValueError(f"{key}: {', '.join(given)} come from {model_dir}/config.json with hf_model; leave them unset")
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        if config.model_type not in arch_dict:
+            raise ValueError(f"{key}.hf_model: {model_dir} is a {config.model_type!r} model; open_clip's HF text "
+                             f"tower knows {sorted(arch_dict)}")
+        names = arch_dict[config.model_type]["config_names"]
+        limit = getattr(config, names["context_length"], None) if names["context_length"] else None
+        context_length = text.context_length or min(CLIP_TEXT_CFG["context_length"], limit or 10**9)
+    else:
+        if text.hf_type not in arch_dict:
+            close = difflib.get_close_matches(str(text.hf_type), list(arch_dict), n=3, cutoff=0.5)
+            raise ValueError(f"{key}.hf_type: unknown architecture {text.hf_type!r}"
+                             + (f"; did you mean {close}?" if close else "") + f" (allowed: {sorted(arch_dict)})")
+        names = arch_dict[text.hf_type]["config_names"]
+        dims = {k: getattr(text, k) if getattr(text, k) is not None else CLIP_TEXT_CFG[k]
+                for k in ("context_length", "width", "heads", "layers", "mlp_ratio")}
+        context_length = dims["context_length"]
+        fields = {names["width"]: dims["width"], names["heads"]: dims["heads"], names["layers"]: dims["layers"]}
+        if names["context_length"]:  # RoBERTa's positions start after the padding id
+            fields[names["context_length"]] = context_length + (2 if "roberta" in text.hf_type else 0)
+        config = transformers.AutoConfig.for_model(text.hf_type, **fields)
+        if hasattr(config, "initializer_range"):
+            # the architecture's init std (BERT: 0.02) is tuned to its base width (768); scale it as width**-0.5
+            # so that a narrow tower's tokens are not all but equal at init (CLS pooling then cannot learn)
+            reference = transformers.AutoConfig.for_model(text.hf_type)
+            config.initializer_range = reference.initializer_range * math.sqrt(
+                getattr(reference, names["width"]) / dims["width"])
+        for ffn in ("intermediate_size", "d_ff", "encoder_ffn_dim"):
+            if hasattr(config, ffn):
+                setattr(config, ffn, int(dims["width"] * dims["mlp_ratio"]))
+        limit = getattr(config, names["context_length"], None) if names["context_length"] else None
+    if limit is not None and context_length > limit:
+        raise ValueError(f"{key}.context_length: {context_length} tokens, but the model has {limit} positions")
+
+    if text.hf_tokenizer:
+        if extra_tokens:
+            raise ValueError(f"{key}.hf_tokenizer: DeCLIP's MLM (task.declip.tss_weight > 0) adds its own mask token "
+                             "to open_clip's BPE vocabulary and is not wired to a Hugging Face tokenizer's [MASK]; "
+                             "leave hf_tokenizer unset (BPE) or set task.declip.tss_weight: 0")
+        tokenizer = HFTokenizer(_local_dir(text.hf_tokenizer, "hf_tokenizer"), context_length)
+        vocab_size, pad_id = len(tokenizer), tokenizer.pad_token_id
+    else:
+        tokenizer = create_tokenizer(context_length)
+        vocab_size, pad_id = len(tokenizer.encoder) + extra_tokens, 0  # open_clip pads with 0
+
+    if model_dir is None or not any(model_dir.glob("*.safetensors")):  # random init: size it right away
+        config.vocab_size, config.pad_token_id = vocab_size, pad_id
+    transformer = _hf_transformer(config, model_dir)
+    if transformer.get_input_embeddings().num_embeddings != vocab_size:
+        transformer.resize_token_embeddings(vocab_size)  # the tokenizer's vocabulary, not the directory's
+    transformer.config.vocab_size = vocab_size
+    transformer.config.pad_token_id = pad_id
+    pooler = HF_POOLERS[text.hf_pooler]
+    tower = HFTextEncoder(str(model_dir or text.hf_type), embed_dim, config=transformer.config, pooler_type=pooler,
+                          proj_type=text.hf_proj, pretrained=False, output_tokens=True)
+    tower.transformer = transformer  # replaces the randomly initialised copy HFTextEncoder built from the config
+    width = getattr(transformer.config, names["width"])
+    text_cfg = {"context_length": context_length, "vocab_size": vocab_size, "width": width,
+                "hf_model_name": str(model_dir) if model_dir else None, "hf_model_type": transformer.config.model_type,
+                "hf_tokenizer_name": tokenizer.path if isinstance(tokenizer, HFTokenizer) else None,
+                "hf_pooler_type": pooler, "hf_proj_type": text.hf_proj}
+    return tower, tokenizer, text_cfg
+
+
 def resolve_text_cfg(cfg: ModelConfig) -> tuple[dict, int | None, bool]:
     """(open_clip text_cfg, the named config's embed_dim or None, its quick_gelu) for ``cfg.dual_encoder.text``."""
     text = cfg.dual_encoder.text
@@ -175,25 +316,31 @@ def resolve_text_cfg(cfg: ModelConfig) -> tuple[dict, int | None, bool]:
     return base, embed_dim, quick_gelu
 
 
-def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 0) -> DualEncoder:
-    """The dual encoder a recipe's ``model`` section describes (see ``DualEncoderConfig``)."""
+def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 0,
+                       visual: nn.Module | None = None) -> DualEncoder:
+    """The dual encoder a recipe's ``model`` section describes (see ``DualEncoderConfig``); ``visual``: a
+    given vision tower (a multi-task run's shared backbone) instead of ``model.backbone``."""
     from open_clip.model import _build_text_tower, _build_vision_tower
 
     from foundation.models.factory import create_backbone
 
     de = cfg.dual_encoder
-    text_cfg, text_embed_dim, quick_gelu = resolve_text_cfg(cfg)
+    hf = de.text.hf_model is not None or de.text.hf_type is not None
+    text_cfg, text_embed_dim, quick_gelu = ({}, None, False) if hf else resolve_text_cfg(cfg)
     vision_full = open_clip_config(de.vision_open_clip, "model.dual_encoder.vision_open_clip") if de.vision_open_clip else None
     embed_dim = de.embed_dim or text_embed_dim or (vision_full or {}).get("embed_dim") or DEFAULT_EMBED_DIM
     if vision_full is not None and not de.text.open_clip:
         quick_gelu = bool(vision_full.get("quick_gelu", False))
 
-    tokenizer = create_tokenizer(text_cfg["context_length"])
-    text_cfg["vocab_size"] = len(tokenizer.encoder) + extra_tokens
-    if not text_cfg.get("embed_cls"):
-        # pool at the end-of-text token: an added token (the mask) has a larger id than EOT
-        text_cfg.update(pool_type="eos", eos_id=tokenizer.eot_token_id)
-    text = _build_text_tower(embed_dim, {**text_cfg, "output_tokens": True}, quick_gelu)
+    if hf:
+        text, tokenizer, text_cfg = build_hf_text_tower(de.text, embed_dim, extra_tokens)
+    else:
+        tokenizer = create_tokenizer(text_cfg["context_length"])
+        text_cfg["vocab_size"] = len(tokenizer.encoder) + extra_tokens
+        if not text_cfg.get("embed_cls"):
+            # pool at the end-of-text token: an added token (the mask) has a larger id than EOT
+            text_cfg.update(pool_type="eos", eos_id=tokenizer.eot_token_id)
+        text = _build_text_tower(embed_dim, {**text_cfg, "output_tokens": True}, quick_gelu)
 
     if vision_full is not None:
         channels = cfg.in_chans if cfg.in_chans is not None else in_chans
@@ -208,7 +355,8 @@ def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 
         visual, visual_dim = _build_vision_tower(embed_dim, vision_cfg, quick_gelu), None
     else:
         vision_cfg = None
-        visual = create_backbone(cfg.model_copy(update={"num_classes": 0}), in_chans=in_chans)
+        if visual is None:
+            visual = create_backbone(cfg.model_copy(update={"num_classes": 0}), in_chans=in_chans)
         visual_dim = getattr(visual, "head_hidden_size", None) or visual.num_features
     return DualEncoder(
         visual, visual_dim, text, embed_dim, tokenizer=tokenizer, text_cfg=text_cfg, vision_cfg=vision_cfg,
@@ -217,4 +365,5 @@ def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 
     )
 
 
-__all__ = ["DualEncoder", "ImageTower", "TextTower", "build_dual_encoder", "create_tokenizer", "open_clip_config", "resolve_text_cfg"]
+__all__ = ["DualEncoder", "HFTokenizer", "ImageTower", "TextTower", "build_dual_encoder", "build_hf_text_tower",
+           "create_tokenizer", "open_clip_config", "resolve_text_cfg"]

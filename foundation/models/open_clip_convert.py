@@ -12,7 +12,12 @@ Vision towers:
   ``visual.head.proj``): open_clip creates it by name alone, so only stock architectures (no
   ``model.kwargs``, size overrides or 1-channel input) can go this way.
 
-The text tower maps one to one (open_clip's ``CLIP`` keeps the text weights at the top level).
+The text tower maps one to one (open_clip's ``CLIP`` keeps the text weights at the top level). A
+Hugging Face text tower (``text.hf_model``) becomes open_clip's ``CustomTextCLIP`` with an
+``hf_model_name`` text config pointing at the same local directory (``hf_model_pretrained: false``:
+the weights come from the exported state dict, under ``text.``); a tower built from the recipe
+(``hf_type``) or one whose vocabulary was resized to another tokenizer has no directory open_clip
+could rebuild it from, and is refused with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -144,6 +149,32 @@ def _timm_adapter(model: DualEncoder, backbone: str, stock: bool) -> tuple[dict,
     return cfg, sd
 
 
+def _hf_text_cfg(model: DualEncoder) -> dict[str, Any]:
+    """open_clip text_cfg of a Hugging Face text tower; it must be re-creatable from its directory."""
+    from transformers import AutoConfig
+
+    cfg = model.text_cfg
+    if not cfg.get("hf_model_name"):
+        raise ConversionError(
+            "the Hugging Face text tower was built from the recipe (model.dual_encoder.text.hf_type): open_clip "
+            "re-creates such a tower from a model directory; save its config with "
+            "`model.text.transformer.config.save_pretrained(DIR)`, set hf_model: DIR and retrain or re-export")
+    ours = model.text.transformer.config
+    theirs = AutoConfig.from_pretrained(cfg["hf_model_name"], local_files_only=True, trust_remote_code=False)
+    if (theirs.vocab_size, theirs.pad_token_id) != (ours.vocab_size, ours.pad_token_id):
+        raise ConversionError(
+            f"{cfg['hf_model_name']}: its config has vocab_size {theirs.vocab_size} / pad_token_id {theirs.pad_token_id}, "
+            f"the model was resized to its tokenizer's {ours.vocab_size} / {ours.pad_token_id}; open_clip would "
+            "rebuild the directory's sizes. Use the directory's own tokenizer (hf_tokenizer) or save the resized "
+            "config into the directory")
+    text_cfg = {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"], "width": cfg["width"],
+                "hf_model_name": cfg["hf_model_name"], "hf_model_pretrained": False,
+                "hf_pooler_type": cfg["hf_pooler_type"], "hf_proj_type": cfg["hf_proj_type"]}
+    if cfg.get("hf_tokenizer_name"):  # else open_clip uses its BPE tokenizer, as we do
+        text_cfg["hf_tokenizer_name"] = cfg["hf_tokenizer_name"]
+    return text_cfg
+
+
 def to_open_clip(model: DualEncoder, backbone: str | None = None, stock_backbone: bool = False
                  ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(open_clip model config, open_clip ``CLIP`` state dict) equal to ``model``.
@@ -161,14 +192,16 @@ def to_open_clip(model: DualEncoder, backbone: str | None = None, stock_backbone
     else:
         vision_cfg, visual_sd = _timm_adapter(model, backbone or type(model.visual).__name__, stock_backbone)
 
-    text_cfg = {k: v for k, v in model.text_cfg.items() if k != "output_tokens"}
+    if "hf_model_type" in model.text_cfg:
+        text_cfg = _hf_text_cfg(model)
+        text_sd = {f"text.{k}": v.detach() for k, v in model.text.state_dict().items()}  # CustomTextCLIP.text
+    else:
+        text_cfg = {k: v for k, v in model.text_cfg.items() if k != "output_tokens"}
+        text_sd = {k: v.detach() for k, v in model.text.state_dict().items() if k != "attn_mask"}  # CLIP: top level
     config: dict[str, Any] = {"embed_dim": model.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
     if model.quick_gelu:
         config["quick_gelu"] = True
-    state = dict(visual_sd)
-    for k, v in model.text.state_dict().items():  # open_clip's CLIP holds the text tower at the top level
-        if k != "attn_mask":
-            state[k] = v.detach()
+    state = {**visual_sd, **text_sd}
     # open_clip applies exp(logit_scale) unclamped at inference: store the clamped value
     state["logit_scale"] = model.logit_scale.detach().clamp(max=math.log(model.max_logit_scale))
     return config, {k: v.contiguous().clone() for k, v in state.items()}

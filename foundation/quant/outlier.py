@@ -4,12 +4,18 @@
 its output hard to quantize. Write ``y = (x̂ + β/γ) ⊙ γ``: the LayerNorm keeps only ``x̂ + β/γ`` (the
 "non-scaling" LayerNorm, whose output is quantized) and ``γ`` moves into every consumer of ``y`` —
 for a Linear ``W y = (W diag γ)(x̂ + β/γ)``. In a post-LN network (BERT, the paper's case) ``y`` also
-feeds the next residual sum, so the shortcut must be multiplied by ``γ`` too. The ViT/CeiT/CLIP
-blocks here are pre-LN: a LayerNorm output feeds only the following Linear layers (``norm1 →
-attn.qkv``, ``norm2 → mlp.fc1``, final ``norm → head``) and the residual stream never passes through
-it, so there is no shortcut to scale. Each migration is verified on a probe batch and undone if the
-output changes — which is what happens for a LayerNorm with a consumer we cannot rescale (a post-LN
-residual); those are reported as skipped. Channels with ``|γ| < 1e-5`` are left in place.
+feeds the next residual sum, so the shortcut is multiplied by ``γ`` there: a module called as
+``module(hidden, shortcut)`` with the LayerNorm's output as ``shortcut`` (BERT's ``attention.output``
+and ``output``: ``LayerNorm(dense(hidden) + shortcut)``) gets a ``shortcut_scale`` buffer and computes
+``LayerNorm(dense(hidden) + shortcut ⊙ γ)``. So BERT's ``embeddings.LayerNorm`` and each layer's
+``output.LayerNorm`` move γ into the next layer's query/key/value and its ``attention.output``
+shortcut, ``attention.output.LayerNorm`` into ``intermediate.dense`` and the ``output`` shortcut, and
+the last one (open_clip's ``HFTextEncoder``: first-token or mean pooling, linear per channel) into
+``proj``. The ViT/CeiT/CLIP blocks here are pre-LN: a LayerNorm output feeds only the following
+Linear layers (``norm1 → attn.qkv``, ``norm2 → mlp.fc1``, final ``norm → head``) and the residual
+stream never passes through it. Each migration is verified on a probe batch and undone if the output
+changes — which is what happens for a LayerNorm with a consumer we cannot rescale; those are reported
+as skipped. Channels with ``|γ| < 1e-5`` are left in place.
 
 **Token-wise clipping.** Outliers sit in a few tokens. Coarse stage: for each activation quantizer
 that sees tokens ``(B, N, D)``, collect each token's max and min over ``D``; the clipping range is
@@ -54,11 +60,62 @@ def _undo(ln: nn.LayerNorm, linears: list[nn.Linear], saved: list[Tensor]) -> No
         p.copy_(s)
 
 
+_SCALED_CLASSES: dict[type, type] = {}
+
+
+def _shortcut_scaled_class(cls: type) -> type:
+    """``cls`` whose ``forward(hidden, shortcut, ...)`` multiplies ``shortcut`` by ``self.shortcut_scale``."""
+    if cls not in _SCALED_CLASSES:
+        def forward(self, hidden_states: Tensor, input_tensor: Tensor, *args, **kwargs):
+            return cls.forward(self, hidden_states, input_tensor * self.shortcut_scale, *args, **kwargs)
+
+        _SCALED_CLASSES[cls] = type(f"ShortcutScaled{cls.__name__}", (cls,), {"forward": forward, "_base_class": cls})
+    return _SCALED_CLASSES[cls]
+
+
+def scale_shortcut(module: nn.Module, scale: Tensor) -> None:
+    """Make a post-LN output module (``forward(hidden, shortcut)``) multiply its shortcut by ``scale``, in
+    place (a class swap plus a ``shortcut_scale`` buffer, saved in the state dict)."""
+    if "shortcut_scale" in module._buffers:
+        module.shortcut_scale.mul_(scale)
+        return
+    module.__class__ = _shortcut_scaled_class(type(module))
+    module.register_buffer("shortcut_scale", scale.detach().clone())
+
+
+def _unscale_shortcut(module: nn.Module) -> None:
+    module.__class__ = module._base_class
+    del module._buffers["shortcut_scale"]
+
+
+def scaled_shortcuts(model: nn.Module) -> list[str]:
+    """Names of the modules whose shortcut ``scale_shortcut`` rescaled (recorded with a quantized model)."""
+    return [n for n, m in model.named_modules() if "shortcut_scale" in m._buffers]
+
+
+def _hf_pooled_projection(module: nn.Module) -> str | None:
+    """open_clip ``HFTextEncoder`` with first-token or mean pooling (linear per channel): the Linear that
+    the pooled last hidden state goes into (relative name), else None."""
+    try:
+        from open_clip.hf_model import ClsLastHiddenStatePooler, HFTextEncoder, MeanPooler
+    except ImportError:
+        return None
+    if not isinstance(module, HFTextEncoder) or not isinstance(module.pooler, (ClsLastHiddenStatePooler, MeanPooler)):
+        return None
+    if isinstance(module.proj, nn.Linear):
+        return "proj"
+    if isinstance(module.proj, nn.Sequential) and isinstance(module.proj[0], nn.Linear):
+        return "proj.0"
+    return None
+
+
 @torch.no_grad()
-def _layernorm_consumers(model: nn.Module, example: Tensor) -> dict[str, list[str]]:
-    """LayerNorm name → names of Linear layers whose input is exactly that LayerNorm's output."""
+def _layernorm_consumers(model: nn.Module, example: Tensor) -> dict[str, tuple[list[str], list[str]]]:
+    """LayerNorm name → (names of Linear layers whose input is exactly that LayerNorm's output, names of
+    post-LN modules called as ``module(hidden, shortcut)`` with it as the shortcut)."""
     ln_out: dict[str, tuple] = {}
     lin_in: dict[str, tuple] = {}
+    shortcut_in: dict[str, tuple] = {}
     alive: list[Tensor] = []
     handles = []
 
@@ -67,11 +124,23 @@ def _layernorm_consumers(model: nn.Module, example: Tensor) -> dict[str, list[st
             alive.append(t)
             store[name] = tensor_key(t)
 
+    def second_arg(name: str, args: tuple) -> None:
+        if len(args) >= 2 and isinstance(args[1], Tensor) and args[1].is_floating_point():
+            remember(shortcut_in, name, args[1])
+
+    pooled: dict[str, str] = {}  # HFTextEncoder pooler name -> projection Linear name
     for name, m in model.named_modules():
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             handles.append(m.register_forward_hook(lambda mod, a, o, n=name: remember(ln_out, n, o)))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: remember(lin_in, n, a[0])))
+        elif any(isinstance(c, nn.LayerNorm) for c in m.children()):  # a post-LN unit: LayerNorm(f(hidden) + shortcut)
+            handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: second_arg(n, a)))
+        if (proj := _hf_pooled_projection(m)) is not None:
+            prefix = f"{name}." if name else ""
+            pooled[prefix + "pooler"] = prefix + proj
+            handles.append(m.pooler.register_forward_pre_hook(
+                lambda mod, a, n=prefix + "pooler": remember(lin_in, pooled[n], a[0].last_hidden_state)))
     try:
         model(example)
     finally:
@@ -80,38 +149,50 @@ def _layernorm_consumers(model: nn.Module, example: Tensor) -> dict[str, list[st
     out = {}
     for ln, key in ln_out.items():
         users = [lin for lin, k in lin_in.items() if k == key]
+        shortcuts = [m for m, k in shortcut_in.items() if k == key]
         if users:
-            out[ln] = users
+            out[ln] = (users, shortcuts)
     # timm VisionTransformer: final norm → token pooling (linear over tokens) → head
     norm, head, fc_norm = (getattr(model, a, None) for a in ("norm", "head", "fc_norm"))
     if (isinstance(norm, nn.LayerNorm) and isinstance(head, nn.Linear) and isinstance(fc_norm, (nn.Identity, type(None)))
             and getattr(model, "attn_pool", None) is None and "norm" in ln_out and "norm" not in out):
-        out["norm"] = ["head"]
+        out["norm"] = (["head"], [])
     return out
 
 
 @torch.no_grad()
 def migrate_gamma(model: nn.Module, example: Tensor, rtol: float = 1e-4) -> dict:
-    """Move every LayerNorm's γ into the Linear layers that consume it (FP output unchanged), in place.
+    """Move every LayerNorm's γ into the Linear layers that consume it and, post-LN, into the residual
+    shortcut it feeds (FP output unchanged), in place.
 
-    Returns ``{"migrated": {ln: [linears]}, "skipped": [ln, ...]}``.
+    Returns ``{"migrated": {ln: [linears and shortcut modules]}, "skipped": [ln, ...], "scaled_shortcuts": [...]}``.
     """
     model.eval()
     reference = model(example)
     tol = rtol * reference.abs().max().item() + 1e-6
     migrated, skipped = {}, []
-    for ln_name, lin_names in _layernorm_consumers(model, example).items():
+    for ln_name, (lin_names, shortcut_names) in _layernorm_consumers(model, example).items():
         ln = model.get_submodule(ln_name)
         linears = [model.get_submodule(n) for n in lin_names]
+        shortcuts = [model.get_submodule(n) for n in shortcut_names]
         saved = [p.detach().clone() for p in [ln.weight] + ([ln.bias] if ln.bias is not None else [])
                  + [lin.weight for lin in linears]]
+        gamma = ln.weight.detach().clone()
+        fresh = [m for m in shortcuts if "shortcut_scale" not in m._buffers]
         _migrate(ln, linears)
+        for m in shortcuts:
+            scale_shortcut(m, torch.where(gamma.abs() > _MIN_GAMMA, gamma, torch.ones_like(gamma)))
         if (model(example) - reference).abs().max().item() > tol:
             _undo(ln, linears, saved)
+            for m in shortcuts:
+                if m in fresh:
+                    _unscale_shortcut(m)
+                else:
+                    m.shortcut_scale.div_(torch.where(gamma.abs() > _MIN_GAMMA, gamma, torch.ones_like(gamma)))
             skipped.append(ln_name)
         else:
-            migrated[ln_name] = lin_names
-    return {"migrated": migrated, "skipped": skipped}
+            migrated[ln_name] = lin_names + [f"{n} (shortcut)" for n in shortcut_names]
+    return {"migrated": migrated, "skipped": skipped, "scaled_shortcuts": scaled_shortcuts(model)}
 
 
 def _quantile(v: Tensor, q: float) -> Tensor:

@@ -25,7 +25,7 @@ from foundation.quant.config import QuantConfig
 from foundation.quant.fake_quant import QSpec
 from foundation.quant.fold import _replacement, fold_batchnorm
 from foundation.quant.modules import quant_layers
-from foundation.quant.outlier import migrate_gamma, token_wise_clipping
+from foundation.quant.outlier import migrate_gamma, scale_shortcut, token_wise_clipping
 from foundation.quant.placement import Site, apply_placement, plan_placement
 
 FORMAT_VERSION = 1
@@ -52,7 +52,8 @@ def prepare(model: nn.Module, example: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
     apply_placement(qmodel, sites, wspec, aspec, cfg.observers.weight, cfg.observers.act, _observer_opts(cfg))
     qmodel.quant_sites = sites
     qmodel.quant_meta = {"folded_bn": report["folded_bn"], "wspec": wspec.to_dict(), "aspec": aspec.to_dict(),
-                         "config": cfg.model_dump(mode="json")}
+                         "config": cfg.model_dump(mode="json"),
+                         "scaled_shortcuts": report.get("gamma_migration", {}).get("scaled_shortcuts", [])}
     return qmodel, fp, report
 
 
@@ -166,9 +167,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     cfg = meta["config"]
     apply_placement(model, sites, QSpec(**meta["wspec"]), QSpec(**meta["aspec"]),
                     cfg["observers"]["weight"], cfg["observers"]["act"])
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    state = load_file(str(path / "model.safetensors"))
+    for name in meta.get("scaled_shortcuts", []):  # post-LN gamma migration (Outlier Suppression on BERT)
+        scale_shortcut(model.get_submodule(name), state[f"{name}.shortcut_scale"])
+    model.load_state_dict(state, strict=True)
     model.quant_sites = sites
-    model.quant_meta = {k: meta[k] for k in ("folded_bn", "wspec", "aspec", "config")}
+    model.quant_meta = {k: meta.get(k, []) for k in ("folded_bn", "wspec", "aspec", "config", "scaled_shortcuts")}
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
