@@ -1,0 +1,256 @@
+"""The frozen image encoder that adaptation starts from, whatever the checkpoint is.
+
+``load_backbone(spec)`` is the one place that knows checkpoint kinds:
+
+| ``spec`` | what is taken | preprocessing |
+|---|---|---|
+| a platform run or ``checkpoints/step_N`` (classification) | the timm model's pooled pre-logits feature | the run's recipe (`data.image_size`, `in_chans`, `mean`, `std`, interpolation, crop) |
+| a platform run of task ``clip`` / ``declip`` | the vision tower: ``pooled`` = ``model.visual`` (pre-projection), ``projected`` = ``encode_image`` | the run's recipe |
+| ``timm:NAME`` with ``weights=FILE`` (.safetensors, or .pth/.pt/.bin loaded with ``weights_only=True``) | the timm model without its head | timm's ``pretrained_cfg`` of NAME |
+| a ``foundation export --format timm`` folder (``config.json`` + ``model.safetensors``) | as ``timm:NAME`` | the exported ``pretrained_cfg`` |
+| a ``foundation export --format open_clip`` folder (``open_clip_config.json`` + weights) | open_clip's ``visual``: ``projected`` = ``encode_image``, ``pooled`` = before ``proj`` | the exported ``preprocess_cfg`` |
+
+Only the recipe's preprocessing settings are used, never its data paths: the data to adapt on come
+from the command line. Nothing read from a checkpoint runs code (safetensors, or
+``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from foundation.config import DataConfig
+from foundation.engine.checkpoint import CheckpointError, find_latest, load_weights, read_tensors
+
+FEATURES = ("pooled", "projected")
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor with the preprocessing its weights were trained with."""
+
+    module: nn.Module  # (B, C, H, W) normalised images -> (B, D) features
+    preprocessing: dict[str, Any]  # DataConfig fields: image_size, in_chans, mean, std, augment.interpolation/crop_pct
+    kind: str  # classification | clip | declip | timm | open_clip
+    feature: str  # pooled | projected
+    identity: str  # sha256 over the weight files, the feature and the preprocessing: the feature-cache key
+    source: dict[str, Any] = field(default_factory=dict)  # what was loaded, for reports
+    # what fine-tuning needs to rebuild the architecture in the training engine (None: not fine-tunable)
+    finetune: dict[str, Any] | None = None
+
+    def data_config(self, workers: int = 2, batch_targets: tuple[str, ...] = ("label",)) -> DataConfig:
+        """A ``DataConfig`` with this backbone's preprocessing (no data paths) for the eval reader."""
+        p = self.preprocessing
+        return DataConfig(image_size=p["image_size"], in_chans=p["in_chans"], mean=p.get("mean"), std=p.get("std"),
+                          workers=workers, targets=list(batch_targets),
+                          augment={"interpolation": p.get("interpolation", "bicubic"),
+                                   "crop_pct": p.get("crop_pct", 1.0)})
+
+
+class _TimmPooled(nn.Module):
+    """A timm model's pooled pre-logits feature: ``forward_head(forward_features(x), pre_logits=True)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
+
+
+class _Call(nn.Module):
+    """``fn(images)`` of a module kept as a child (so ``.to`` / ``.eval`` reach its weights)."""
+
+    def __init__(self, owner: nn.Module, method: str):
+        super().__init__()
+        self.owner = owner
+        self.method = method
+
+    def forward(self, images: Tensor) -> Tensor:
+        return getattr(self.owner, self.method)(images)
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _identity(weight_files: list[Path], feature: str, preprocessing: dict, extra: str = "") -> str:
+    payload = json.dumps({"weights": _sha256_files(weight_files), "feature": feature, "pre": preprocessing,
+                          "extra": extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _check_feature(feature: str, allowed: tuple[str, ...], what: str) -> None:
+    if feature not in FEATURES:
+        raise CheckpointError(f"--feature {feature!r}: choose from {list(FEATURES)}")
+    if feature not in allowed:
+        raise CheckpointError(f"--feature {feature}: {what} has no such feature; it offers {list(allowed)}")
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if (path / "model.safetensors").is_file() and (path / "recipe.yaml").is_file():
+        return path
+    latest = find_latest(path / "checkpoints") or find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return latest
+
+
+def _platform_backbone(path: Path, feature: str, image_size: int | None) -> Backbone:
+    from foundation.data.transforms import normalization
+    from foundation.engine.checkpoint import load_model
+    from foundation.models.dual_encoder import DualEncoder
+
+    ckpt = _checkpoint_dir(path)
+    model, recipe = load_model(ckpt)
+    mean, std = normalization(recipe.data)
+    pre = {"image_size": image_size or recipe.data.image_size, "in_chans": recipe.data.in_chans, "mean": list(mean),
+           "std": list(std), "interpolation": recipe.data.augment.interpolation,
+           "crop_pct": recipe.data.augment.crop_pct}
+    m = recipe.model
+    arch = {"backbone": m.backbone, "img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans,
+            "kwargs": dict(m.kwargs)}
+    kind = recipe.task.name
+    if isinstance(model, DualEncoder):
+        _check_feature(feature, FEATURES, f"the {kind} vision tower")
+        if feature == "projected":
+            module = _Call(model, "encode_image")
+        elif model.visual_projection is not None:
+            module = model.visual  # timm tower: pooled pre-projection feature
+        else:  # an open_clip vision tower projects inside ``visual``: take the feature before ``proj``
+            module = _open_clip_pooled(model.visual)
+        # fine-tuning rebuilds a timm tower only; an open_clip tower (model.dual_encoder.vision_open_clip) cannot
+        finetune = None if recipe.model.dual_encoder.vision_open_clip else {**arch, "init": str(ckpt)}
+    elif hasattr(model, "forward_head"):
+        _check_feature(feature, ("pooled",), f"a {kind} model")
+        module = _TimmPooled(model)
+        finetune = {**arch, "init": str(ckpt)}
+    else:
+        raise CheckpointError(f"{path}: task {kind!r} has no image backbone that foundation adapt knows")
+    files = [ckpt / "model.safetensors"]
+    return Backbone(module.eval(), pre, kind, feature, _identity(files, feature, pre, json.dumps(arch, sort_keys=True)),
+                    {"checkpoint": str(ckpt), "task": kind, "backbone": m.backbone}, finetune)
+
+
+def _open_clip_pooled(visual: nn.Module) -> nn.Module:
+    """open_clip's vision tower without its final projection (``proj``), i.e. the pooled width-d feature."""
+    if not hasattr(visual, "proj"):
+        raise CheckpointError(f"{type(visual).__name__}: no `proj` to strip; use --feature projected")
+    pooled = copy.deepcopy(visual)
+    pooled.proj = None
+    return pooled
+
+
+def _read_state_dict(file: Path) -> dict[str, Tensor]:
+    """Weights from a .safetensors file, or a torch file loaded with ``weights_only=True`` (never runs code)."""
+    if not file.is_file():
+        raise CheckpointError(f"weights file not found: {file}")
+    if file.suffix == ".safetensors":
+        return read_tensors(file)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusing a class, a truncated file ...
+        raise CheckpointError(f"{file}: refused or unreadable torch file ({type(e).__name__}: {e}); "
+                              "only tensors and plain containers are loaded (weights_only=True)") from None
+    for key in ("state_dict", "model", "module", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _timm_backbone(name: str, weights: Path, feature: str, image_size: int | None, in_chans: int = 3,
+                   kwargs: dict | None = None, pretrained_cfg: dict | None = None) -> Backbone:
+    import timm
+
+    import foundation.models  # noqa: F401  (registers our own backbones with timm)
+
+    _check_feature(feature, ("pooled",), f"timm model {name}")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **(kwargs or {}))
+    except RuntimeError as e:  # timm: unknown model name
+        raise CheckpointError(f"timm:{name}: {e}") from None
+    tensors = _read_state_dict(weights)
+    report = load_weights(model, tensors, strict=False)
+    if report.missing or report.mismatched:
+        raise CheckpointError(f"{weights} does not fit timm model {name}: {report.summary()}")
+    cfg = pretrained_cfg or timm.data.resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    pre = {"image_size": image_size or size, "in_chans": in_chans, "mean": list(cfg["mean"])[:in_chans],
+           "std": list(cfg["std"])[:in_chans], "interpolation": cfg.get("interpolation", "bicubic"),
+           "crop_pct": cfg.get("crop_pct") or 1.0}
+    arch = {"backbone": name, "img_size": None, "patch_size": None, "in_chans": in_chans, "kwargs": dict(kwargs or {})}
+    return Backbone(_TimmPooled(model).eval(), pre, "timm", feature,
+                    _identity([weights], feature, pre, json.dumps(arch, sort_keys=True)),
+                    {"timm": name, "weights": str(weights), "ignored": report.unexpected[:20]},
+                    {**arch, "init": str(weights)})
+
+
+def _open_clip_backbone(path: Path, feature: str, image_size: int | None) -> Backbone:
+    import open_clip
+
+    config = json.loads((path / "open_clip_config.json").read_text())
+    weights = next((p for p in (path / "open_clip_model.safetensors", path / "open_clip_pytorch_model.bin")
+                    if p.is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: open_clip export without open_clip_model.safetensors")
+    _check_feature(feature, FEATURES, "an open_clip model")
+    name = f"foundation-adapt-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    open_clip.factory._MODEL_CONFIGS[name] = config["model_cfg"]  # local config only: nothing from a hub
+    try:
+        model = open_clip.create_model(name, pretrained=str(weights), weights_only=True)
+    finally:
+        open_clip.factory._MODEL_CONFIGS.pop(name, None)
+    model.eval()
+    pc = config.get("preprocess_cfg", {})
+    size = pc.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pre = {"image_size": image_size or int(size), "in_chans": 3, "mean": list(pc.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+           "std": list(pc.get("std", open_clip.OPENAI_DATASET_STD)), "interpolation": pc.get("interpolation", "bicubic"),
+           "crop_pct": 1.0}
+    module = _Call(model, "encode_image") if feature == "projected" else _open_clip_pooled(model.visual)
+    return Backbone(module.eval(), pre, "open_clip", feature, _identity([weights], feature, pre, json.dumps(config)),
+                    {"open_clip": str(path)}, None)
+
+
+def load_backbone(spec: str, *, feature: str = "pooled", weights: str | None = None,
+                  image_size: int | None = None) -> Backbone:
+    """The frozen feature extractor of ``spec`` (see the module docstring for the kinds), on the CPU, in eval mode.
+
+    ``feature``: ``pooled`` (the backbone's pooled feature, before any projection) or ``projected`` (a dual
+    encoder's joint-space embedding). ``image_size`` overrides the checkpoint's input size.
+    """
+    if spec.startswith("timm:"):
+        if not weights:
+            raise CheckpointError(f"--checkpoint {spec} needs --weights FILE (a local weights file; nothing is "
+                                  "downloaded)")
+        return _timm_backbone(spec[len("timm:"):], Path(weights).expanduser(), feature, image_size)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {spec}: not found (a run directory, a checkpoints/step_N directory, "
+                              "an export folder, or timm:NAME with --weights)")
+    if (path / "open_clip_config.json").is_file():
+        return _open_clip_backbone(path, feature, image_size)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (path / "recipe.yaml").is_file():
+        cfg = json.loads((path / "config.json").read_text())  # a `foundation export --format timm` folder
+        pc = cfg.get("pretrained_cfg") or None
+        return _timm_backbone(cfg["architecture"], path / "model.safetensors", feature, image_size,
+                              in_chans=cfg.get("in_chans", 3), kwargs=cfg.get("kwargs"), pretrained_cfg=pc)
+    return _platform_backbone(path, feature, image_size)
+
+
+__all__ = ["Backbone", "FEATURES", "load_backbone"]
