@@ -1,0 +1,123 @@
+"""Synthetic humans: deterministic for a seed, labels consistent across the five tasks, drawable by inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from foundation.data.cli import add_cli
+from foundation.data.humans import DECODERS, task_info
+from foundation.data.shards import iter_raw_samples, read_manifest
+from foundation.data.synthetic_humans import ATTRIBUTES, CLASSES, generate
+
+TASKS = ("pose", "parsing", "attributes", "reid", "detection")
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="foundation")
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["data", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def humans(tmp_path_factory):
+    out = tmp_path_factory.mktemp("humans") / "h"
+    assert run_cli("synthetic-humans", "--out", str(out), "--n", "15", "--seed", "3", "--size", "96") == 0
+    return out
+
+
+def samples(out, task: str, splits=None) -> dict[str, dict]:
+    splits = splits or read_manifest(out / task)["splits"]
+    return {s["__key__"]: {**DECODERS[task](s), "raw": s} for split in splits for s in iter_raw_samples(str(out / task), split)}
+
+
+def test_deterministic_for_a_seed(humans, tmp_path):
+    again = generate(tmp_path / "again", 15, seed=3, size=96)
+    other = generate(tmp_path / "other", 15, seed=4, size=96)
+    for task in TASKS:
+        shas = {n: [s["sha256"] for s in e["shards"]] for n, e in read_manifest(humans / task)["splits"].items()}
+        assert shas == {n: [s["sha256"] for s in e["shards"]] for n, e in again[task]["splits"].items()}
+        assert shas != {n: [s["sha256"] for s in e["shards"]] for n, e in other[task]["splits"].items()}
+
+
+def test_manifests_name_the_tasks(humans):
+    assert task_info(humans / "parsing")["class_names"] == CLASSES
+    assert task_info(humans / "attributes")["attribute_names"] == ATTRIBUTES
+    pose = task_info(humans / "pose")
+    assert pose["kind"] == "pose" and len(pose["keypoint_names"]) == 17 and len(pose["flip_pairs"]) == 8
+    reid = read_manifest(humans / "reid")
+    assert sorted(reid["splits"]) == ["gallery", "query", "train"]
+    assert reid["splits"]["train"]["samples"] == 12 * 3 and reid["splits"]["query"]["samples"] == 3
+    assert read_manifest(humans / "detection")["source"]["note"].startswith("procedurally drawn")
+
+
+def test_labels_are_consistent(humans):
+    pose, parsing = samples(humans, "pose"), samples(humans, "parsing")
+    attrs, reid = samples(humans, "attributes"), samples(humans, "reid")
+    assert pose.keys() == parsing.keys() == attrs.keys() == reid.keys() and len(pose) == 45
+    upper = CLASSES.index("upper_clothes")
+    looks: dict[int, set] = {}
+    cams: dict[int, set] = {}
+    for key, p in pose.items():
+        x, y, w, h = p["box"]
+        kps = p["keypoints"]
+        assert (kps[:, 2] == 2).all()
+        # keypoints inside their person's box, box = the silhouette's extent in the label map
+        assert (kps[:, 0] >= x).all() and (kps[:, 0] < x + w).all() and (kps[:, 1] >= y).all() and (kps[:, 1] < y + h).all()
+        labels = parsing[key]["label_map"]
+        ys, xs = np.nonzero(labels)
+        assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == [x, y, w, h]
+        assert labels.max() < len(CLASSES)
+        # attributes are what the label map shows
+        a = dict(zip(ATTRIBUTES, attrs[key]["attributes"].tolist()))
+        for name in ("hat", "skirt", "bag"):
+            assert a[name] == int((labels == CLASSES.index(name)).any()), (key, name)
+        assert a["trousers"] + a["shorts"] + a["skirt"] == 1
+        # the same identity wears the same colours in every camera
+        r = reid[key]
+        colours = {tuple(c) for c in p["image"][labels == upper]}
+        looks.setdefault(r["pid"], set()).add(frozenset(colours))
+        cams.setdefault(r["pid"], set()).add(r["camid"])
+    assert all(len(v) == 1 for v in looks.values())
+    assert len({next(iter(v)) for v in looks.values()}) > 5  # identities do differ
+    assert all(len(c) >= 2 for c in cams.values())
+
+
+def test_detection_scenes(humans):
+    scenes = samples(humans, "detection")
+    assert len(scenes) == 5
+    people = ignores = 0
+    for s in scenes.values():
+        h, w = s["image"].shape[:2]
+        for full, vis in zip(s["boxes"], s["visible"]):
+            assert full[2] > 0 and full[3] > 0 and full[0] >= 0 and full[1] >= 0
+            assert full[0] + full[2] <= w and full[1] + full[3] <= h
+            # the visible part lies within the full box
+            assert vis[0] >= full[0] and vis[1] >= full[1]
+            assert vis[0] + vis[2] <= full[0] + full[2] and vis[1] + vis[3] <= full[1] + full[3]
+        assert len(s["heads"]) == len(s["boxes"])
+        people += len(s["boxes"])
+        ignores += len(s["ignore"])
+    assert people >= 10
+    labels = [json.loads(s["raw"]["json"]) for s in scenes.values()]
+    occluded = sum(v != f for lab in labels for v, f in zip(lab["visible"], lab["boxes"]))
+    assert occluded >= 1  # somebody stands behind somebody
+
+
+def test_inspect_draws_every_task(humans, tmp_path):
+    for task in TASKS:
+        split = "query" if task == "reid" else "train"
+        assert run_cli("inspect", str(humans / task), "--split", split, "--samples", "2",
+                       "--draw", str(tmp_path / task)) == 0
+        drawn = sorted((tmp_path / task).glob("*.png"))
+        assert len(drawn) == 2
+        img = np.asarray(Image.open(drawn[0]).convert("RGB"))
+        assert img.shape[0] >= 256 and img.std() > 10
+        marks = {"pose": (255, 0, 0), "detection": (0, 255, 0)}  # keypoints, full boxes
+        if task in marks:
+            assert (img == marks[task]).all(-1).sum() > 20
