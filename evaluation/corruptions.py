@@ -8,7 +8,9 @@ What differs from the reference code (also in docs/evaluation.md):
 
 - No ImageMagick: motion blur (also inside ``snow``) is a one-sided Gaussian line kernel drawn with
   sub-pixel weights and applied with ``cv2.filter2D``, as ImageMagick's ``MotionBlurImage`` does.
-- No frost photographs: ``frost`` blends a procedurally generated ice texture (see ``_frost_texture``).
+- Frost blends ImageNet-C's own frost photographs when the ``imagecorruptions`` package (Apache-2.0,
+  which ships them) is installed (``frost_source() == "imagenet-c"``), else a procedurally generated
+  ice texture (``"generated"``, see ``_frost_texture``), which degrades images 3-5 dB less.
 - Glass blur's sequential pixel swaps are done in non-overlapping parallel phases (vectorised); each
   pixel still swaps once per iteration with a random neighbour within the published distance.
 - Any size from 28 px up. Constants that are lengths in pixels (blur sigmas and radii, motion length,
@@ -27,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from functools import lru_cache
 
 import cv2
@@ -312,8 +315,13 @@ def snow(x, severity, rng, k):
 def frost(x, severity, rng, k):
     keep, amount = [(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)][severity - 1]
     h, w, channels = x.shape
-    bank = _frost_bank(h, w, round(k, 4))
-    texture = bank[rng.integers(len(bank))]
+    photos = _frost_photo_files()
+    if photos:  # ImageNet-C: a random crop of one of its frost photographs
+        bank = _frost_photos(photos, _frost_photo_scale(min(h, w)), h, w)
+        texture = bank[rng.integers(_FROST_PHOTOS_USED)]
+    else:
+        bank = _frost_bank(h, w, round(k, 4))
+        texture = bank[rng.integers(len(bank))]
     top = rng.integers(texture.shape[0] - h + 1)
     left = rng.integers(texture.shape[1] - w + 1)
     texture = texture[top : top + h, left : left + w]
@@ -440,7 +448,57 @@ def _spatter_mask(h: int, w: int, severity: int, rng: np.random.Generator, k: fl
 
 
 # --------------------------------------------------------------------------------------------------
-# frost texture
+# frost: ImageNet-C's photographs when available, else a generated texture
+
+_FROST_PHOTO_NAMES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+_FROST_PHOTOS_USED = 5  # make_imagenet_c.py draws np.random.randint(5): frost6.jpg is listed but never used
+
+
+@lru_cache(maxsize=1)
+def _frost_photo_files() -> tuple[Path, ...]:
+    """The frost photographs shipped in the ``imagecorruptions`` wheel, or () when it is not installed.
+    Found through the installed distribution's file list: none of the package's code is imported."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("imagecorruptions")
+    except PackageNotFoundError:
+        return ()
+    found = {Path(str(f)).name: Path(str(dist.locate_file(f))) for f in dist.files or () if "frost" in str(f)}
+    paths = tuple(found.get(name) for name in _FROST_PHOTO_NAMES)
+    return paths if all(p is not None and p.is_file() for p in paths) else ()
+
+
+def frost_source() -> str:
+    """What ``frost`` blends in: ``"imagenet-c"`` (the photographs) or ``"generated"`` (the fallback texture)."""
+    return "imagenet-c" if _frost_photo_files() else "generated"
+
+
+def _frost_photo_scale(size: int) -> float:
+    """How much the photographs are resized for an image whose short side is ``size``: not at all at
+    224 px (ImageNet-C), proportionally above, ``max(size / 224, 0.2)`` below — 0.29 at 64 px and 0.2 at
+    32 px, the factors Hendrycks used for Tiny-ImageNet-C (0.3) and CIFAR-10-C (0.2)."""
+    return max(size / 224.0, 0.2)
+
+
+@lru_cache(maxsize=16)
+def _frost_photos(paths: tuple[Path, ...], scale: float, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """The photographs as RGB float32 in [0, 1], resized by ``scale`` (cv2.resize's bilinear default, as
+    ImageNet-C's variants do) and, where that is still smaller than the image, up to cover it."""
+    out = []
+    for path in paths[:_FROST_PHOTOS_USED]:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"{path}: unreadable frost photograph (reinstall imagecorruptions)")
+        f = max(scale, height / bgr.shape[0], width / bgr.shape[1])
+        if f != 1.0:
+            bgr = cv2.resize(bgr, (max(width, round(bgr.shape[1] * f)), max(height, round(bgr.shape[0] * f))))
+        out.append(np.ascontiguousarray(bgr[..., ::-1], dtype=np.float32) / 255.0)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# generated frost texture (the fallback)
 
 
 @lru_cache(maxsize=16)
