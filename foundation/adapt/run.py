@@ -147,10 +147,11 @@ class Adaptation:
             raise DataError(f"unknown method {method!r}; choose from {list(METHODS)}")
         full = shots is None and (fraction is None or fraction >= 1) and not split_file
         # a full split is the same for every seed: linear/knn would repeat the same figure
-        n_seeds = 1 if full and method != "finetune" else seeds
+        n_seeds = 1 if (full and method != "finetune") or split_file else seeds
         runs = []
         for seed in range(n_seeds):
             split = self.split(fraction, shots, seed, split_file)
+            seed = int(split.get("seed") or 0) if split_file else seed  # a shared split reproduces its run
             if method == "finetune":
                 from foundation.adapt.finetune import finetune
 

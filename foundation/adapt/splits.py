@@ -32,7 +32,7 @@ def split_name(fraction: float | None, shots: int | None, seed: int) -> str:
 
 def make_split(keys: np.ndarray, labels: np.ndarray, *, fraction: float | None = None, shots: int | None = None,
                seed: int = 0, class_names: list[str] | None = None) -> dict:
-    """Choose the keys of a stratified subset: ``round(fraction * n_c)`` or exactly ``shots`` of each class c.
+    """Choose the keys of a stratified subset: ``round(fraction * n_c)`` (half up) or exactly ``shots`` of each class c.
 
     Raises ``DataError`` naming the class when the subset would leave a class empty (or with fewer than
     ``shots`` samples). ``fraction`` 1 (or neither argument) keeps everything.
@@ -45,25 +45,33 @@ def make_split(keys: np.ndarray, labels: np.ndarray, *, fraction: float | None =
         raise DataError(f"--shots must be at least 1, got {shots}")
     keys, labels = np.asarray(keys), np.asarray(labels)
     num_classes = len(class_names) if class_names else int(labels.max()) + 1
+    members = [np.sort(keys[labels == c]) for c in range(num_classes)]
+    sizes = [len(m) for m in members]
+    if shots is not None:
+        short = [c for c in range(num_classes) if sizes[c] < shots]
+        if short:
+            c = min(short, key=lambda c: sizes[c])
+            raise DataError(f"--shots {shots}: {_class_name(class_names, c)} has only {sizes[c]} training samples"
+                            + (f" ({len(short)} classes have fewer than {shots})" if len(short) > 1 else ""))
+        takes = [shots] * num_classes
+    elif fraction is None or fraction >= 1:
+        takes = sizes
+    else:
+        takes = [int(np.floor(fraction * n + 0.5)) for n in sizes]  # round half up
+        empty = sorted((c for c in range(num_classes) if takes[c] == 0), key=lambda c: sizes[c])
+        if empty:
+            named = ", ".join(f"{_class_name(class_names, c)[:-1]}, {sizes[c]} training samples)" if class_names
+                              else f"class {c} ({sizes[c]} training samples)" for c in empty[:5])
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            smallest = 0.5 / max(1, min(sizes))
+            raise DataError(f"--fraction {fraction:g} leaves {len(empty)} class(es) empty: {named}{more}; "
+                            f"use --fraction {smallest:.3g} or more, or --shots")
     chosen: list[np.ndarray] = []
     counts: dict[str, int] = {}
     for c in range(num_classes):
-        members = np.sort(keys[labels == c])
-        n = len(members)
-        if shots is not None:
-            if n < shots:
-                raise DataError(f"--shots {shots}: {_class_name(class_names, c)} has only {n} training samples")
-            take = shots
-        elif fraction is None or fraction >= 1:
-            take = n
-        else:
-            take = int(round(fraction * n))
-            if take == 0:
-                smallest = 0.5 / n if n else float("inf")
-                raise DataError(f"--fraction {fraction:g} leaves {_class_name(class_names, c)} empty "
-                                f"({n} training samples); use a fraction above {smallest:.3g} or --shots")
         rng = np.random.default_rng([seed, c])
-        chosen.append(members if take == n else np.sort(rng.choice(members, size=take, replace=False)))
+        take = takes[c]
+        chosen.append(members[c] if take == sizes[c] else np.sort(rng.choice(members[c], size=take, replace=False)))
         counts[str(c)] = take
     kept = np.sort(np.concatenate(chosen)) if chosen else np.asarray([], dtype=keys.dtype)
     return {"format": SPLIT_FORMAT, "name": split_name(fraction, shots, seed), "fraction": fraction, "shots": shots,

@@ -1,0 +1,207 @@
+"""foundation adapt: linear probe and k-NN figures on features with a known answer, split files, the
+feature cache, every checkpoint kind as a backbone, the CLI's exit codes, and the downstream converters."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from foundation.adapt.backbone import load_backbone
+from foundation.adapt.knn import knn_classify
+from foundation.adapt.probe import linear_probe
+from foundation.adapt.splits import make_split, read_split
+from foundation.cli import main
+from foundation.config import validate
+from foundation.data import DataError
+from foundation.engine.checkpoint import CheckpointError
+from foundation.train import train
+
+
+def gaussian_classes(n_train: int = 1500, n_val: int = 1000, classes: int = 10, dim: int = 32, seed: int = 0):
+    """Class means 8 apart in a 32-d space, unit noise: linearly separable with a wide margin."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, dim)) * 4
+    y, yv = rng.integers(0, classes, n_train), rng.integers(0, classes, n_val)
+    return (means[y] + rng.normal(size=(n_train, dim))).astype(np.float32), y, \
+        (means[yv] + rng.normal(size=(n_val, dim))).astype(np.float32), yv
+
+
+def test_linear_probe_and_knn_separable_features_and_chance_on_shuffled_labels():
+    x, y, xv, yv = gaussian_classes()
+    probe = linear_probe(x, y, xv, yv)
+    assert probe["top1"] >= 99.5
+    assert set(probe["C_search"]) == {f"{c:g}" for c in np.logspace(-4, 2, 7)}
+    assert probe["holdout_samples"] == pytest.approx(0.2 * len(y), abs=10)  # 20% of each class held out to pick C
+    assert knn_classify(x, y, xv, yv)["top1"] >= 99.5
+    shuffled = np.random.default_rng(1).permutation(y)  # labels no longer depend on the features
+    assert abs(linear_probe(x, shuffled, xv, yv)["top1"] - 10.0) < 5.0
+    assert abs(knn_classify(x, shuffled, xv, yv)["top1"] - 10.0) < 5.0
+
+
+def test_knn_votes_are_temperature_weighted():
+    # one query; 2 neighbours of class 0 at similarity ~1, 3 of class 1 at similarity ~0.8: with T = 0.07
+    # the two close ones outweigh the three (2 e^(1/T) > 3 e^(0.8/T)); an unweighted vote would say class 1
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    near = [[1.0, 0.01], [1.0, -0.01]]
+    far = [[0.8, 0.6], [0.8, -0.6], [0.8, 0.6]]
+    x = np.array(near + far, dtype=np.float32)
+    y = np.array([0, 0, 1, 1, 1])
+    assert knn_classify(x, y, q, np.array([0]), k=5, temperature=0.07)["top1"] == 100.0
+    assert knn_classify(x, y, q, np.array([0]), k=5, temperature=100.0)["top1"] == 0.0
+
+
+def test_splits_are_deterministic_stratified_and_exact_in_shots():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), [100, 200, 50, 80, 70])
+    keys = np.array([f"k{i:04d}" for i in rng.permutation(len(labels))])
+    a = make_split(keys, labels, fraction=0.1, seed=3)
+    shuffled = rng.permutation(len(keys))  # the reader's order must not matter
+    b = make_split(keys[shuffled], labels[shuffled], fraction=0.1, seed=3)
+    assert a["keys"] == b["keys"]
+    assert a["keys"] != make_split(keys, labels, fraction=0.1, seed=4)["keys"]
+    label_of = dict(zip(keys, labels))
+    counts = np.bincount([label_of[k] for k in a["keys"]], minlength=5)
+    assert counts.tolist() == [10, 20, 5, 8, 7]  # round(0.1 * n_c) of each class
+    shots = make_split(keys, labels, shots=4, seed=0)
+    assert np.bincount([label_of[k] for k in shots["keys"]]).tolist() == [4] * 5
+    assert len(set(shots["keys"])) == 20
+    assert make_split(keys, labels, fraction=1.0)["keys"] == sorted(keys.tolist())
+    with pytest.raises(DataError, match="leaves 3 class\\(es\\) empty: 'cat' \\(class 2, 50 training samples\\), "
+                                        "'e' \\(class 4, 70 training samples\\).*--fraction 0.01 or more"):
+        make_split(keys, labels, fraction=0.005, class_names=["a", "b", "cat", "d", "e"])
+    with pytest.raises(DataError, match="class 2 has only 50"):
+        make_split(keys, labels, shots=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(digits_shards, tmp_path_factory) -> Path:
+    recipe = validate(tiny_recipe(digits_shards, tmp_path_factory.mktemp("runs"), name="pretrained",
+                                  train={"steps": 30, "eval_batches": 1}))
+    train(recipe)
+    return recipe.run_dir
+
+
+def adapt(args: list[str], capsys) -> tuple[int, dict | str]:
+    code = main(["adapt", *args])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else err)
+
+
+def test_cli_linear_and_knn_write_results_and_split_files_and_reuse_cached_features(tiny_run, digits_shards, tmp_path,
+                                                                                      capsys):
+    common = ["--checkpoint", str(tiny_run), "--data", str(digits_shards), "--cache", str(tmp_path / "cache"),
+              "--workers", "0", "--device", "cpu"]
+    code, first = adapt([*common, "--method", "linear", "knn", "--fraction", "0.1", "--seeds", "2",
+                         "--out", str(tmp_path / "a")], capsys)
+    assert code == 0
+    linear = json.loads(Path(first["results"][0]["file"]).read_text())
+    assert linear["method"] == "linear" and linear["seeds"] == 2 and len(linear["runs"]) == 2
+    assert linear["top1"] > 50  # a digits-trained backbone: far above chance (10%)
+    assert linear["runs"][0]["features_cached"] == {"train": False, "val": False}
+    split = read_split(linear["runs"][1]["split_file"])
+    assert split["seed"] == 1 and split["fraction"] == 0.1 and len(split["keys"]) == linear["train_samples"]
+    caches = sorted((tmp_path / "cache").glob("*.npz"))
+    assert len(caches) == 2
+    stamps = [p.stat().st_mtime_ns for p in caches]
+    code, second = adapt([*common, "--method", "linear", "--fraction", "0.1", "--seeds", "2",
+                          "--out", str(tmp_path / "b")], capsys)
+    assert code == 0
+    again = json.loads(Path(second["results"][0]["file"]).read_text())
+    assert again["runs"][0]["features_cached"] == {"train": True, "val": True}
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").glob("*.npz"))] == stamps
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in linear["runs"]]
+    # the split file reproduces the subset elsewhere
+    code, shared = adapt([*common, "--method", "linear", "--split-file", linear["runs"][1]["split_file"],
+                          "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and shared["results"][0]["top1"] == linear["runs"][1]["top1"]
+
+
+def test_cli_too_small_fraction_and_bad_inputs_exit_2(tiny_run, digits_shards, tmp_path, capsys):
+    common = ["--data", str(digits_shards), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
+              "--workers", "0"]
+    code, err = adapt(["--checkpoint", str(tiny_run), *common, "--fraction", "0.001"], capsys)
+    # conftest's digits shards have no manifest, so no class names: classes are named by index, smallest first
+    assert code == 2 and err.startswith("error: --fraction 0.001 leaves 10 class(es) empty: class 8 (139 training "
+                                        "samples)") and err.count("\n") == 1
+    code, err = adapt(["--checkpoint", str(tiny_run), *common, "--shots", "1000"], capsys)
+    assert code == 2 and "has only" in err
+    code, err = adapt(["--checkpoint", str(tmp_path / "nope"), *common], capsys)
+    assert code == 2 and "not found" in err
+    code, err = adapt(["--checkpoint", str(tiny_run), *common, "--feature", "projected"], capsys)
+    assert code == 2 and "offers ['pooled']" in err
+
+
+def test_backbone_kinds_give_the_models_own_features(tiny_run, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from foundation.engine.checkpoint import load_model
+
+    model, _ = load_model(tiny_run)
+    with torch.no_grad():
+        images = torch.randn(3, 1, 32, 32)
+        run = load_backbone(str(tiny_run))
+        assert run.preprocessing["image_size"] == 32 and run.preprocessing["in_chans"] == 1
+        assert torch.allclose(run.module(images), model.forward_head(model.forward_features(images), pre_logits=True))
+        # a timm name with a local weights file: torch format (weights_only=True) or safetensors; the head is ignored
+        stock = timm.create_model("resnet10t", num_classes=7).eval()
+        torch.save({"state_dict": stock.state_dict()}, tmp_path / "w.pth")
+        save_file({k: v.contiguous() for k, v in stock.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        rgb = torch.randn(2, 3, 64, 64)
+        want = stock.forward_head(stock.forward_features(rgb), pre_logits=True)
+        for name in ("w.pth", "w.safetensors"):
+            named = load_backbone("timm:resnet10t", weights=str(tmp_path / name))
+            cfg = timm.data.resolve_data_config({}, model=stock)  # preprocessing: timm's pretrained_cfg
+            assert named.kind == "timm" and named.preprocessing["image_size"] == cfg["input_size"][-1] == 176
+            assert named.preprocessing["mean"] == list(cfg["mean"])
+            assert torch.allclose(named.module(rgb), want)
+    assert named.identity != load_backbone("timm:resnet10t", weights=str(tmp_path / "w.pth")).identity
+    # weights of another architecture: a clear refusal naming the keys, never a silent partial load
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_backbone("timm:resnet10t", weights=str(tiny_run / "checkpoints" / "step_30" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="needs --weights"):
+        load_backbone("timm:resnet10t")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_backbone("timm:resnet10t", weights=str(tmp_path / "evil.pth"))
+
+
+def test_digits_and_clipart_converters(tmp_path):
+    from PIL import Image
+
+    from foundation.data.shards import iter_raw_samples, read_manifest
+
+    assert main(["data", "dataset", "digits", "--out", str(tmp_path / "digits"), "--workers", "1"]) == 0
+    m = read_manifest(tmp_path / "digits")
+    assert m["class_names"] == [str(d) for d in range(10)]
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 1797
+    assert m["splits"]["val"]["class_counts"]["0"] == round(0.2 * 178)  # 20% of each class held out
+    sample = next(iter_raw_samples(str(tmp_path / "digits"), "val"))
+    assert Image.open(io.BytesIO(sample["png"])).size == (8, 8)
+
+    src = tmp_path / "art"
+    for cls, colour in (("animals", (200, 0, 0, 255)), ("tools", (0, 0, 200, 255))):
+        for i in range(3):
+            d = src / cls / "sub"
+            d.mkdir(parents=True, exist_ok=True)
+            img = Image.new("RGBA", (300, 150), (0, 0, 0, 0))  # transparent black background
+            img.paste(Image.new("RGBA", (100, 50), colour), (100, 50))
+            img.save(d / f"red_fox_{i:02d}.png")
+    assert main(["data", "build", str(src), "--format", "clipart", "--out", str(tmp_path / "c"), "--workers", "1"]) == 0
+    samples = list(iter_raw_samples(str(tmp_path / "c"), "train"))
+    assert len(samples) == 6 and samples[0]["txt"] == b"red fox"
+    img = Image.open(io.BytesIO(samples[0]["png"]))
+    assert img.mode == "RGB" and max(img.size) == 128  # shrunk to at most 128 px
+    assert img.getpixel((2, 2)) == (255, 255, 255)  # the transparent background became white, not black
