@@ -28,7 +28,7 @@ from foundation.data.shards import iter_raw_samples
 
 log = logging.getLogger(__name__)
 
-METHODS = ("linear", "knn", "finetune")
+METHODS = ("linear", "knn", "finetune", "scratch")  # scratch: the from-scratch baseline (no init)
 
 
 @dataclass
@@ -147,15 +147,15 @@ class Adaptation:
             raise DataError(f"unknown method {method!r}; choose from {list(METHODS)}")
         full = shots is None and (fraction is None or fraction >= 1) and not split_file
         # a full split is the same for every seed: linear/knn would repeat the same figure
-        n_seeds = 1 if (full and method != "finetune") or split_file else seeds
+        n_seeds = 1 if (full and method in ("linear", "knn")) or split_file else seeds
         runs = []
         for seed in range(n_seeds):
             split = self.split(fraction, shots, seed, split_file)
             seed = int(split.get("seed") or 0) if split_file else seed  # a shared split reproduces its run
-            if method == "finetune":
+            if method in ("finetune", "scratch"):
                 from foundation.adapt.finetune import finetune
 
-                result = finetune(self, split, seed, self.out / "finetune" / f"{split['name']}")
+                result = finetune(self, split, seed, self.out / method / split["name"], scratch=method == "scratch")
             else:
                 train, val = self.features(self.opts.train_split), self.features(self.opts.val_split)
                 sub = train.subset(split["keys"])
@@ -168,7 +168,7 @@ class Adaptation:
         top1_mean, top1_std = _summarise([r["top1"] for r in runs])
         cell = {
             "checkpoint": self.checkpoint, "data": self.data, "method": method,
-            "feature": self.opts.feature if method != "finetune" else None,
+            "feature": self.opts.feature if method in ("linear", "knn") else None,
             "fraction": 1.0 if full else fraction, "shots": shots, "seeds": n_seeds,
             "top1": top1_mean, "top1_std": top1_std, "top5": _summarise([r["top5"] for r in runs])[0],
             "train_samples": runs[0]["train_samples"], "runs": runs,
