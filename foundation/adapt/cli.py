@@ -30,7 +30,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", help="suite file (recipes/adapt/*.yaml): datasets x methods x fractions -> one table")
     p.add_argument("--checkpoint", help="a platform run / checkpoints/step_N, a `foundation export` folder "
-                                        "(timm or open_clip), or timm:NAME with --weights")
+                                        "(timm or open_clip), or timm:NAME with --weights (with --suite: replaces "
+                                        "the suite file's)")
     p.add_argument("--weights", help="local weights file for --checkpoint timm:NAME (.safetensors, .pth/.pt/.bin)")
     p.add_argument("--data", help="labelled shards with train and val splits: directory or manifest.json")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["linear"])
@@ -102,7 +103,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.suite:
         from foundation.adapt.suite import run_suite
 
-        table = run_suite(args.suite, options(args), out=args.out)
+        table = run_suite(args.suite, options(args), out=args.out, checkpoint=args.checkpoint)
         print(table["markdown"])
         print(f"{table['files']['json']}\n{table['files']['markdown']}\n{table['files']['html']}")
         return 0

@@ -1,0 +1,155 @@
+"""``foundation adapt --suite FILE``: datasets x methods x fractions for one checkpoint, into one table.
+
+Every (dataset, method, fraction) is a cell run by ``Adaptation.cell`` and written as its own JSON under
+``<out>/cells/<dataset>/``; a from-scratch baseline trained on 100% of each dataset (INTERN's comparison)
+is one more cell per dataset. A cell whose JSON exists (same checkpoint, seeds and settings) is read, not
+recomputed, so a killed suite resumes where it stopped. A fraction that leaves a class of a dataset
+empty is recorded as that cell's error and shown in the table; the other cells still run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from foundation.adapt.backbone import FEATURES
+from foundation.adapt.report import write_table
+from foundation.adapt.run import AdaptOptions, Adaptation
+from foundation.config import RecipeError, format_errors
+from foundation.data import DataError
+
+log = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteFinetune(_Strict):
+    """Fine-tuning (and from-scratch) runs of the suite; fields as the ``--steps`` ... flags."""
+
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: str = "adamw"
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    freeze: list[str] = []
+    warmup_steps: int = Field(0, ge=0)
+    scratch_steps: int | None = Field(None, gt=0)  # the from-scratch baseline's steps (None: steps)
+    scratch_lr: float | None = Field(None, gt=0)  # (None: lr)
+    overrides: list[str] = []  # dotted recipe overrides for every run, e.g. train.precision=bf16
+
+
+class Suite(_Strict):
+    """A suite file (``recipes/adapt/*.yaml``)."""
+
+    name: str
+    checkpoint: str  # any kind `foundation adapt --checkpoint` takes (`--checkpoint` on the command line wins)
+    weights: str | None = None  # for checkpoint timm:NAME
+    datasets: dict[str, str]  # name -> shards with train and val splits (directory or manifest.json)
+    methods: list[Literal["linear", "knn", "finetune"]] = ["linear", "knn"]
+    fractions: list[float] = [0.01, 0.1, 1.0]
+    seeds: int = Field(1, ge=1)
+    scratch: bool = True  # the from-scratch baseline on 100% of each dataset
+    feature: Literal[FEATURES] = "pooled"  # type: ignore[valid-type]
+    image_size: int | None = Field(None, gt=0)
+    out: str | None = None  # default runs/adapt/<name>
+    cache: str | None = None  # feature cache (default ~/.cache/foundation/features)
+    workers: int = Field(2, ge=0)
+    batch_size: int = Field(256, gt=0)
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    finetune: SuiteFinetune = Field(default_factory=SuiteFinetune)
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "foundation"
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: unreadable suite file ({e})") from None
+    try:
+        suite = Suite.model_validate(raw or {})
+    except ValidationError as e:
+        raise RecipeError(format_errors(e, str(path), Suite, "adaptation suite")) from None
+    bad = [f for f in suite.fractions if not 0 < f <= 1]
+    if bad:
+        raise RecipeError(f"{path}: fractions must be in (0, 1], got {bad}")
+    return suite
+
+
+def _settings_key(suite: Suite, opts: AdaptOptions, method: str) -> str:
+    """What a cell's figure depends on besides (dataset, method, fraction): a changed setting reruns the cell."""
+    parts = {"checkpoint": suite.checkpoint, "weights": suite.weights, "seeds": suite.seeds}
+    if method in ("linear", "knn"):
+        parts |= {"feature": opts.feature, "image_size": opts.image_size, "k": opts.k, "T": opts.temperature,
+                  "holdout": opts.holdout}
+    else:
+        parts |= {"finetune": dataclasses.asdict(opts.finetune)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _options(suite: Suite, base: AdaptOptions, scratch: bool = False) -> AdaptOptions:
+    f = suite.finetune
+    ft = dataclasses.replace(
+        base.finetune, steps=(f.scratch_steps or f.steps) if scratch else f.steps, batch_size=f.batch_size,
+        lr=(f.scratch_lr or f.lr) if scratch else f.lr, optimizer=f.optimizer, weight_decay=f.weight_decay,
+        layer_decay=f.layer_decay, freeze=list(f.freeze), warmup_steps=f.warmup_steps, wandb=suite.wandb,
+        overrides=[*f.overrides, *base.finetune.overrides])
+    return dataclasses.replace(base, feature=suite.feature, weights=suite.weights, image_size=suite.image_size,
+                               batch_size=suite.batch_size, workers=suite.workers, cache_dir=suite.cache,
+                               k=suite.k, temperature=suite.temperature, finetune=ft)
+
+
+def run_suite(path: str | Path, base: AdaptOptions, out: str | None = None, checkpoint: str | None = None) -> dict:
+    """Run (or resume) every cell of the suite; write and return the table."""
+    suite = load_suite(path)
+    if checkpoint:
+        suite = suite.model_copy(update={"checkpoint": checkpoint})
+    root = Path(out or suite.out or Path("runs") / "adapt" / suite.name)
+    for name, data in suite.datasets.items():
+        if not Path(data).exists():
+            raise DataError(f"suite dataset {name!r}: {data} not found (see docs/adaptation.md for the command that "
+                            "builds it)")
+    cells = []
+    for name, data in suite.datasets.items():
+        plan = [(m, f) for m in suite.methods for f in suite.fractions] + ([("scratch", 1.0)] if suite.scratch else [])
+        adaptations: dict[bool, Adaptation] = {}
+        for method, fraction in plan:
+            scratch = method == "scratch"
+            opts = _options(suite, base, scratch)
+            key = _settings_key(suite, opts, method)
+            path_ = root / "cells" / name / f"{method}_{'full' if fraction >= 1 else f'fraction{fraction:g}'}.json"
+            if path_.is_file():
+                done = json.loads(path_.read_text())
+                if done.get("settings") == key:
+                    log.info("suite %s: %s %s %g done (%s)", suite.name, name, method, fraction, path_)
+                    cells.append({**done, "dataset": name, "file": str(path_), "reused": True})
+                    continue
+            if scratch not in adaptations:
+                adaptations[scratch] = Adaptation(suite.checkpoint, data, root / "cells" / name, opts)
+            try:
+                cell = adaptations[scratch].cell(method, fraction=fraction, seeds=suite.seeds)
+            except DataError as e:  # e.g. a fraction that empties a class of this dataset
+                cell = {"checkpoint": suite.checkpoint, "data": data, "method": method, "fraction": fraction,
+                        "seeds": suite.seeds, "error": str(e)}
+                log.warning("suite %s: %s %s %g: %s", suite.name, name, method, fraction, e)
+            cell = {**{k: v for k, v in cell.items() if k != "file"}, "dataset": name, "settings": key}
+            path_.parent.mkdir(parents=True, exist_ok=True)
+            path_.write_text(json.dumps(cell, indent=2) + "\n")
+            cells.append({**cell, "file": str(path_), "reused": False})
+    return write_table(suite.name, suite.checkpoint, cells, root, wandb_mode=suite.wandb, project=suite.wandb_project,
+                       config=suite.model_dump(mode="json"))
+
+
+__all__ = ["Suite", "load_suite", "run_suite"]
