@@ -4,13 +4,12 @@ targets equal to what was written (labels and pixels), bad input skipped and rep
 from __future__ import annotations
 
 import argparse
-import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from pathlib import Path
 
 from foundation.data.cli import add_cli
 from foundation.data.humans import COCO_KEYPOINTS, DECODERS, task_info
@@ -111,6 +110,7 @@ def test_coco_keypoints_round_trip(tmp_path):
         got[labelled, :2] += s["crop"][:2]
         np.testing.assert_allclose(got, kps, atol=1e-3)
         np.testing.assert_allclose(s["box"][:2] + s["crop"][:2], a["bbox"][:2], atol=1e-4)
+        assert json.loads(s["raw"]["json"])["area"] == a["area"]  # the OKS scale travels with the crop
         # keypoints fall on the pixels they named: crop pixel == source pixel
         for (kx, ky, v), (ox, oy, _) in zip(s["keypoints"][labelled], kps[labelled]):
             if 0 <= int(ky) < h and 0 <= int(kx) < w:

@@ -44,6 +44,22 @@ def keypoint_ap(gt: dict, results: list[dict], sigmas: list[float] | None = None
     return {name: float(v) for name, v in zip(COCO_STATS, ev.stats)}
 
 
+def crops_to_coco(labels: list[dict], category: dict | None = None) -> dict:
+    """A COCO ground-truth dict with one image per pose-shard sample (its crop), from the samples' ``json``
+    labels (``keypoints``, ``box``, optional ``area``: the OKS scale, the box area when absent). Image ids are
+    the list positions; give ``keypoint_ap`` predictions in crop pixels with those ids: top-down evaluation
+    on ground-truth boxes."""
+    images, anns = [], []
+    for i, lab in enumerate(labels):
+        kps = np.asarray(lab["keypoints"], np.float64).reshape(-1, 3)
+        x, y, w, h = (float(v) for v in lab["box"])
+        images.append({"id": i, "file_name": str(i)})
+        anns.append({"id": i + 1, "image_id": i, "category_id": 1, "iscrowd": 0, "bbox": [x, y, w, h],
+                     "area": float(lab.get("area") or w * h), "keypoints": kps.ravel().tolist(),
+                     "num_keypoints": int((kps[:, 2] > 0).sum())})
+    return {"images": images, "annotations": anns, "categories": [category or {"id": 1, "name": "person"}]}
+
+
 def oks(pred: np.ndarray, gt: np.ndarray, area: float, sigmas: list[float] | None = None) -> float:
     """Object keypoint similarity of one prediction (K, 2+) with one ground truth (K, 3), as COCOeval
     computes it: mean over labelled keypoints of exp(-d² / (2 · area · (2σ)²))."""
@@ -78,4 +94,4 @@ def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.nd
             "threshold": threshold}
 
 
-__all__ = ["COCO_STATS", "head_size_from_box", "keypoint_ap", "oks", "pckh"]
+__all__ = ["COCO_STATS", "crops_to_coco", "head_size_from_box", "keypoint_ap", "oks", "pckh"]

@@ -114,9 +114,8 @@ def _labels(sample: dict) -> dict:
     return json.loads(data) if isinstance(data, (bytes, str)) else data
 
 
-def _boxes(value, key: str) -> np.ndarray:
-    arr = np.asarray(value if value is not None else [], dtype=np.float32).reshape(-1, 4)
-    return arr
+def _boxes(value) -> np.ndarray:
+    return np.asarray(value if value is not None else [], dtype=np.float32).reshape(-1, 4)
 
 
 def decode_pose(sample: dict) -> dict:
@@ -157,9 +156,9 @@ def decode_detection(sample: dict) -> dict:
     """``image`` (H, W, 3) uint8; ``boxes`` (N, 4) full-body, ``visible`` (N, 4), ``heads`` (N, 4) (may be
     empty), ``ignore`` (M, 4) regions: float32 [x, y, w, h]."""
     labels = _labels(sample)
-    return {"image": decode_image(sample), "boxes": _boxes(labels.get("boxes"), "boxes"),
-            "visible": _boxes(labels.get("visible"), "visible"), "heads": _boxes(labels.get("heads"), "heads"),
-            "ignore": _boxes(labels.get("ignore"), "ignore")}
+    return {"image": decode_image(sample), "boxes": _boxes(labels.get("boxes")),
+            "visible": _boxes(labels.get("visible")), "heads": _boxes(labels.get("heads")),
+            "ignore": _boxes(labels.get("ignore"))}
 
 
 DECODERS: dict[str, Callable[[dict], dict]] = {

@@ -120,6 +120,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
             key = f"{len(tasks):08d}_{sanitize_key(Path(file_name).stem)}_{ann_id}"
             tasks.append({"key": key, "path": str(root / file_name), "ann": str(ann), "box": a.get("bbox"),
                           "keypoints": a.get("keypoints"), "num_names": len(names), "image_id": a.get("image_id"),
+                          "area": a.get("area"),
                           "id": ann_id, "size": [img.get("width"), img.get("height")]})
     return Plan(splits, encode, None, {"format": "coco_keypoints", "path": str(src.resolve()), "filtered": filtered},
                 manifest_extra={"human_task": info})
@@ -164,5 +165,6 @@ def encode(task: dict) -> dict:
         Image.fromarray(crop).save(buf, "PNG")
         ext = "png"
     labels = {"keypoints": kps.round(3).tolist(), "box": [box[0] - region[0], box[1] - region[1], box[2], box[3]],
-              "crop": region, "image_id": task["image_id"], "id": task["id"], "source": Path(task["path"]).name}
+              "crop": region, "area": task["area"] if task["area"] is not None else box[2] * box[3],
+              "image_id": task["image_id"], "id": task["id"], "source": Path(task["path"]).name}
     return {ext: buf.getvalue(), "json": json_entry(labels)}
