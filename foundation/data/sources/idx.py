@@ -3,13 +3,14 @@
 ``SRC`` is a folder holding ``<prefix>-images-idx3-ubyte[.gz]`` and ``<prefix>-labels-idx1-ubyte[.gz]``
 pairs; a prefix ending in ``train`` becomes the train split, one ending in ``t10k`` or ``test`` the val
 split. Images are stored as PNG (lossless), labels as ``cls``. ``fashion_mnist`` finds the Fashion-MNIST
-files (Debian package ``dataset-fashion-mnist``, ``--src``, or the canonical download) and builds them
-with class names.
+files (Debian package ``dataset-fashion-mnist``, ``--src``, or the canonical download), checks every file's
+sha256 before reading it, and builds them with class names.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -34,6 +35,31 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian package da
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                        "t10k-labels-idx1-ubyte.gz")
+# The canonical download (FASHION_MNIST_URL; the dataset's README and torchvision publish the md5 of the
+# same files: 8d4fb7e6..., 25c81989..., bef4ecab..., bb300cfd...).
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+# Debian's dataset-fashion-mnist (0.0~git20200523.55506a9-1) ships the same deflate streams with the gzip
+# header's file name and time dropped, so its .gz files have digests of their own (each file is
+# len(name) + 1 bytes shorter; tests/test_downloads.py puts the name and the 2017-08-31 time back and gets
+# the canonical digests).
+FASHION_MNIST_DEBIAN_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+# The decompressed IDX files (the same for both sources), for a --src folder holding them unzipped.
+FASHION_MNIST_IDX_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -106,6 +132,39 @@ def encode(task: dict) -> dict:
     return {"png": buf.getvalue()}
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_fashion_mnist_file(path: Path, name: str | None = None) -> str:
+    """Check ``path`` (the Fashion-MNIST file ``name``, default its own name) against the published sha256:
+    returns which copy it is ("canonical", "debian" or "idx"); raises DataError naming the file, the
+    expected and the actual digest otherwise."""
+    name = name or path.name
+    known = ({"canonical": FASHION_MNIST_SHA256[name], "debian": FASHION_MNIST_DEBIAN_SHA256[name]}
+             if name.endswith(".gz") else {"idx": FASHION_MNIST_IDX_SHA256[name]})
+    actual = sha256_of(path)
+    for which, digest in known.items():
+        if actual == digest:
+            return which
+    expected = " or ".join(f"{d} ({w})" for w, d in known.items())
+    raise DataError(f"{path}: not the published Fashion-MNIST {name}: sha256 {actual}, expected {expected}; "
+                    "the file is corrupt or altered: delete it and fetch it again")
+
+
+def verify_fashion_mnist(d: Path) -> dict[str, str]:
+    """Verify the four files in ``d`` (each gzipped or not) before anything reads them: {file: which copy}."""
+    found = {}
+    for name in FASHION_MNIST_FILES:
+        path = d / name if (d / name).is_file() else d / name[:-3]
+        found[path.name] = verify_fashion_mnist_file(path)
+    return found
+
+
 def find_fashion_mnist(src: str | None, cache: Path) -> Path:
     """A folder with the four Fashion-MNIST files: ``src``, the Debian package's, a cache, or a download."""
     if src is not None:
@@ -125,10 +184,16 @@ def find_fashion_mnist(src: str | None, cache: Path) -> Path:
         try:
             urllib.request.urlretrieve(FASHION_MNIST_URL + name, tmp)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise DataError(
                 f"Fashion-MNIST not found locally and the download of {FASHION_MNIST_URL + name} failed ({e}); "
                 "install the Debian package dataset-fashion-mnist, or give --src DIR holding the four .gz files"
             ) from None
+        try:
+            verify_fashion_mnist_file(tmp, name)
+        except DataError as e:
+            tmp.unlink()
+            raise DataError(f"download of {FASHION_MNIST_URL + name} refused: {e}") from None
         tmp.replace(cache / name)
     return cache
 
@@ -137,6 +202,7 @@ def fashion_mnist(out: Path, opts: BuildOptions, src: str | None = None, cache: 
     """Build Fashion-MNIST train (60,000) / val (10,000) shards with class names; returns the manifest."""
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "foundation" / "fashion-mnist"
     d = find_fashion_mnist(src, cache)
+    verify_fashion_mnist(d)  # the Debian package's, --src and the cache alike: nothing unverified is read
     opts.class_names = FASHION_MNIST_CLASSES
     p = plan(d, opts)
     if set(p.splits) != {"train", "val"}:
