@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from foundation.data import DataError
 from foundation.data.cli import add_cli
 from foundation.data.humans import DECODERS, task_info
 from foundation.data.shards import iter_raw_samples, read_manifest
@@ -43,6 +44,10 @@ def test_deterministic_for_a_seed(humans, tmp_path):
         shas = {n: [s["sha256"] for s in e["shards"]] for n, e in read_manifest(humans / task)["splits"].items()}
         assert shas == {n: [s["sha256"] for s in e["shards"]] for n, e in again[task]["splits"].items()}
         assert shas != {n: [s["sha256"] for s in e["shards"]] for n, e in other[task]["splits"].items()}
+    with pytest.raises(DataError, match="--overwrite"):
+        generate(tmp_path / "again", 15, seed=4, size=96)
+    replaced = generate(tmp_path / "again", 15, seed=4, size=96, overwrite=True)
+    assert replaced["pose"]["splits"]["train"]["shards"] == other["pose"]["splits"]["train"]["shards"]
 
 
 def test_manifests_name_the_tasks(humans):

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from foundation.data import DataError
 from foundation.data.humans import COCO_KEYPOINTS, COCO_SIGMAS, COCO_SKELETON, json_entry, png_entry, pose_task
-from foundation.data.shards import prepare_output, write_manifest, write_split
+from foundation.data.shards import prepare_output, read_manifest, write_manifest, write_split
 
 CLASSES = ["background", "hat", "hair", "face", "upper_clothes", "pants", "skirt", "left_arm", "right_arm",
            "left_leg", "right_leg", "left_shoe", "right_shoe", "bag"]
@@ -39,6 +40,7 @@ PATTERNS = ("solid", "stripes", "checks")
 ATTRIBUTES = (["hat", "long_hair", "long_sleeves", "trousers", "shorts", "skirt", "bag", "upper_stripes",
                "upper_checks"] + [f"upper_{c}" for c in COLOURS] + [f"lower_{c}" for c in COLOURS])
 CAMERAS = 6
+TASKS = ("pose", "parsing", "attributes", "reid", "detection")
 SKIN = [(241, 194, 160), (224, 172, 105), (198, 134, 66), (141, 85, 36), (255, 219, 172)]
 HAIR = [(20, 20, 20), (90, 56, 37), (180, 140, 70), (120, 120, 120)]
 
@@ -292,25 +294,34 @@ def scene(index: int, people: list[Identity], seed: int, size: int) -> dict:
             "camera": camera}
 
 
-def _write(out: Path, task: dict, splits: dict[str, Iterator[dict]], seed: int, command: str) -> dict:
-    manifest = prepare_output(out, splits, overwrite=True)
+def _write(out: Path, task: dict, splits: dict[str, Iterator[dict]], seed: int, command: str,
+           overwrite: bool) -> dict:
+    manifest = prepare_output(out, splits, overwrite=overwrite)
     entries = {name: write_split(out, name, samples, max_count=1000) for name, samples in splits.items()}
     return write_manifest(out, manifest, entries, class_names=None, command=command, extra={"human_task": task},
                           source={"format": "synthetic-humans", "seed": seed,
                                   "note": "procedurally drawn people, not a real dataset"})
 
 
-def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int = 128, command: str = "") -> dict:
+def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int = 128, command: str = "",
+             overwrite: bool = False) -> dict:
     """Write ``n`` identities × ``views`` cameras (and ``ceil(n / 3)`` scenes) as five task shard sets under
     ``out``; returns {task: manifest}. 80% of the identities (and scenes) train, the rest val; ReID: the
     val identities' first view is the query, their other views the gallery."""
-    if n < 2 or views < 2:
-        raise ValueError("synthetic humans need at least 2 identities and 2 views (cameras) per identity")
+    if n < 2 or views < 2 or size < 32:
+        raise DataError(f"synthetic humans need --n ≥ 2 identities, --views ≥ 2 and --size ≥ 32 (got {n}, {views}, {size})")
     out = Path(out)
+    for task in TASKS:  # refuse before drawing anything; --overwrite replaces every split of an older run
+        old = read_manifest(out / task) if (out / task).is_dir() else None
+        if old is not None or (out / task).is_dir() and any((out / task).glob("*.tar")):
+            if not overwrite:
+                raise DataError(f"{out / task} already holds shards; pass --overwrite to replace them, or another --out")
+            prepare_output(out / task, (old or {}).get("splits", {}), overwrite=True)
+            (out / task / "manifest.json").unlink(missing_ok=True)
     idents = [make_identity(pid, seed) for pid in range(1, n + 1)]
     n_train = min(n - 1, max(1, int(round(0.8 * n))))
     split_of = {ident.pid: "train" if i < n_train else "val" for i, ident in enumerate(idents)}
-    samples: dict[str, dict[str, list]] = {t: {} for t in ("pose", "parsing", "attributes", "reid")}
+    samples: dict[str, dict[str, list]] = {t: {} for t in TASKS}
     train_index = {ident.pid: i for i, ident in enumerate(idents[:n_train])}
     for ident in idents:
         cams = np.random.default_rng([seed, 5, ident.pid]).choice(CAMERAS, views, replace=views > CAMERAS)
@@ -339,7 +350,7 @@ def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int =
         people = [idents[j] for j in rng.choice(n, min(n, int(rng.integers(2, 6))), replace=False)]
         s = scene(i, people, seed, size)
         split = "train" if i < max(1, int(round(0.8 * n_scenes))) else "val"
-        samples.setdefault("detection", {}).setdefault(split, []).append({
+        samples["detection"].setdefault(split, []).append({
             "__key__": f"scene{i:05d}", "png": png_entry(s["image"]),
             "json": json_entry({k: s[k] for k in ("boxes", "visible", "heads", "ignore", "pids", "camera")})})
     tasks = {"pose": pose_task(COCO_KEYPOINTS, COCO_SKELETON, COCO_SIGMAS),
@@ -347,7 +358,7 @@ def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int =
              "attributes": {"kind": "attributes", "attribute_names": ATTRIBUTES},
              "reid": {"kind": "reid", "num_ids": {"train": n_train, "test": n - n_train}, "cameras": CAMERAS},
              "detection": {"kind": "detection", "class_names": ["person"]}}
-    return {task: _write(out / task, info, {k: iter(v) for k, v in samples[task].items()}, seed, command)
+    return {task: _write(out / task, info, {k: iter(v) for k, v in samples[task].items()}, seed, command, overwrite)
             for task, info in tasks.items()}
 
 
