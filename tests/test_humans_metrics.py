@@ -252,8 +252,17 @@ def test_miss_rate_and_ji_hand_computed():
     tp, fp = np.array([True, False, True]), np.array([False, True, False])
     mr = log_average_miss_rate(tp, fp, n_gt=4, n_images=2)
     # refs 10^-2 .. 10^-0.25 ≤ 0.5 up to 10^-0.5=0.316: the first 7 refs (≤ 0.316) see fppi 0 → 0.75;
-    # refs 10^-0.25 = 0.562 and 1 see fppi 0.5 → 0.5
+    # CrowdHuman's rule: at each ref, the first point whose fppi reaches it: refs up to 10^-0.5 = 0.316
+    # → the fp (fppi .5, miss .75); 0.562 and 1 are never reached → the last point (miss .5)
     assert mr == pytest.approx(math.exp((7 * math.log(0.75) + 2 * math.log(0.5)) / 9))
+    # fp then tp on one image: fppi reaches 1 at the fp already, so every ref reads miss rate 1 there
+    # (reading the last point with fppi ≤ ref instead would give the tp's 0.5 at ref 1)
+    assert log_average_miss_rate(np.array([False, True]), np.array([True, False]), n_gt=2, n_images=1) == 1.0
+    # MR through detection_metrics: one image, detections 0.9 (IoU exactly 0.5: a tp for COCO's AP, a miss
+    # for CrowdHuman's strict > 0.5) → AP 1, and MR from [fp] → miss rate 1
+    exact = [{"gt_boxes": [[0, 0, 10, 10]], "dt_boxes": [[0, 0, 10, 5]], "dt_scores": [0.9]}]
+    m = detection_metrics(exact)
+    assert m["AP50"] == pytest.approx(1.0) and m["MR-2"] == pytest.approx(1.0)
     images = _det_images()
     ji = jaccard_index(images, score_thresholds=(0.0, 0.75))
     # thr 0: image 1 keeps 3 dts (one in the ignore region dropped), 1 match → 1/(2+3-1)=1/4;
@@ -262,3 +271,12 @@ def test_miss_rate_and_ji_hand_computed():
     assert ji["per_threshold"][0.0] == pytest.approx(3 / 8)
     assert ji["per_threshold"][0.75] == pytest.approx((1 / 3 + 1) / 2)
     assert ji["JI"] == pytest.approx(2 / 3) and ji["JI_score_threshold"] == 0.75
+    # one-to-one by maximum cardinality: A overlaps X and Y, B only X → A-Y and B-X, k = 2 (a weight-greedy
+    # pairing A-X, the best IoU, would leave B unmatched)
+    two = [{"gt_boxes": [[0, 0, 10, 10], [3, 0, 10, 10]], "ignore": [],
+            "dt_boxes": [[1, 0, 10, 10], [-2, 0, 10, 10]], "dt_scores": [0.9, 0.9]}]
+    assert jaccard_index(two, score_thresholds=(0.0,))["JI"] == pytest.approx(1.0, abs=1e-5)
+    # an undetected person inside an ignore region is not counted as missed
+    hidden = [{"gt_boxes": [[0, 0, 10, 10], [50, 50, 4, 4]], "ignore": [[48, 48, 10, 10]],
+               "dt_boxes": [[0, 0, 10, 10]], "dt_scores": [0.9]}]
+    assert jaccard_index(hidden, score_thresholds=(0.0,))["JI"] == pytest.approx(1.0, abs=1e-5)

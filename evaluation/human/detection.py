@@ -2,14 +2,23 @@
 in [1e-2, 1e0], and CrowdHuman's Jaccard index (JI).
 
 Boxes are [x, y, w, h]. Per image, detections are matched greedily in score order to the unmatched
-ground-truth box of highest IoU ≥ 0.5 (a true positive); a detection with no such box whose
-intersection-over-its-own-area with an ignore region is ≥ 0.5 is ignored (neither true nor false
-positive) — COCOeval's treatment of ``iscrowd`` regions; every other detection is a false positive.
+ground-truth box of highest IoU above the threshold (a true positive); a detection with no such box
+whose intersection-over-its-own-area (IoA) with an ignore region is above the threshold is ignored
+(neither true nor false positive); every other detection is a false positive.
 
-JI (CrowdHuman, CrowdDet's ``compute_JI``): per image, detections above a score threshold that do not
-fall in an ignore region are matched one-to-one to ground truth by a maximum-weight bipartite matching
-on IoU ≥ 0.5 (scipy's ``linear_sum_assignment``); JI = mean over images of k / (n_gt + n_dt - k); the
-reported ``JI`` is the best over thresholds 0.0, 0.1, ..., 0.9.
+* ``AP50`` follows COCOeval (IoU ≥ 0.5, ignore regions as ``iscrowd`` boxes, 101-point interpolated
+  precision), and is tested against it.
+* ``MR-2`` follows CrowdHuman's evaluation (CrowdDet ``APMRToolkits``, mmdet's ``CrowdHumanMetric``):
+  Caltech matching with strict thresholds (IoU > 0.5, IoA > 0.5); at each of the 9 FPPI reference points
+  10^-2 ... 10^0 the miss rate of the first operating point whose FPPI reaches it (the last point when
+  none does); MR^-2 is their geometric mean.
+* ``JI`` follows CrowdHuman's ``compute_JI``: per image, detections scoring above a threshold are matched
+  one-to-one to ground truth by a maximum bipartite matching on IoU ≥ 0.5 (scipy's
+  ``maximum_bipartite_matching``); unmatched detections and unmatched ground truth inside an ignore
+  region (IoA > 0.5) are not counted; JI = mean over images (with anything in them) of
+  k / (n_gt + n_dt - k); the reported ``JI`` is the best over thresholds 0.0, 0.1, ..., 0.9.
+
+CrowdHuman's tools also clip boxes to the image first; pass clipped boxes to get exactly their figures.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
 
 IOU_THRESHOLD = 0.5
 FPPI_REFS = np.power(10.0, np.linspace(-2.0, 0.0, 9))
 JI_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
+JI_EPS = 1e-6
 
 
 def _boxes(b) -> np.ndarray:
@@ -41,30 +52,37 @@ def _overlaps(dt: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.where(union > 0, inter / union, 0.0), np.where(d_area > 0, inter / d_area, 0.0)
 
 
-def match_image(dt_boxes, dt_scores, gt_boxes, ignore=None, iou_threshold: float = IOU_THRESHOLD) -> tuple:
-    """(scores, is_tp, is_ignored) of the image's detections in descending score order."""
+def match_image(dt_boxes, dt_scores, gt_boxes, ignore=None, iou_threshold: float = IOU_THRESHOLD,
+                strict: bool = False) -> tuple:
+    """(scores, is_tp, is_ignored) of the image's detections in descending score order.
+
+    ``strict``: overlaps must exceed the threshold (Caltech / CrowdHuman), else reach it (COCO)."""
     dt, gt, ig = _boxes(dt_boxes), _boxes(gt_boxes), _boxes(ignore)
     scores = np.asarray(dt_scores, np.float64).ravel()
     order = np.argsort(-scores, kind="mergesort")
     dt, scores = dt[order], scores[order]
     iou = _overlaps(dt, gt)[0] if len(gt) else np.zeros((len(dt), 0))
     ioa = _overlaps(dt, ig)[1].max(1) if len(ig) else np.zeros(len(dt))
+
+    def passes(v):
+        return v > iou_threshold if strict else v >= iou_threshold
+
     taken = np.zeros(len(gt), bool)
     tp = np.zeros(len(dt), bool)
     for i in range(len(dt)):
         cand = np.where(taken, -1.0, iou[i])
-        if cand.size and cand.max() >= iou_threshold:
+        if cand.size and passes(cand.max()):
             taken[int(cand.argmax())] = tp[i] = True
-    ignored = ~tp & (ioa >= iou_threshold)
-    return scores, tp, ignored
+    return scores, tp, ~tp & passes(ioa)
 
 
-def _accumulate(images: Sequence[dict], iou_threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
-    scores, tps, ignored = [], [], []
+def _accumulate(images: Sequence[dict], iou_threshold: float, strict: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(is_tp, is_fp) of every non-ignored detection of all images in descending score order, and n_gt."""
+    scores, tps, ignored = [np.zeros(0)], [np.zeros(0, bool)], [np.zeros(0, bool)]
     n_gt = 0
     for im in images:
         s, t, g = match_image(im.get("dt_boxes"), im.get("dt_scores", []), im.get("gt_boxes"), im.get("ignore"),
-                              iou_threshold)
+                              iou_threshold, strict)
         scores.append(s)
         tps.append(t)
         ignored.append(g)
@@ -72,8 +90,7 @@ def _accumulate(images: Sequence[dict], iou_threshold: float) -> tuple[np.ndarra
     s, t, g = np.concatenate(scores), np.concatenate(tps), np.concatenate(ignored)
     order = np.argsort(-s, kind="mergesort")
     t, g = t[order], g[order]
-    keep = ~g
-    return t[keep], ~t[keep], n_gt
+    return t[~g], ~t[~g], n_gt
 
 
 def average_precision(tp: np.ndarray, fp: np.ndarray, n_gt: int) -> float:
@@ -92,46 +109,61 @@ def average_precision(tp: np.ndarray, fp: np.ndarray, n_gt: int) -> float:
 
 
 def log_average_miss_rate(tp: np.ndarray, fp: np.ndarray, n_gt: int, n_images: int) -> float:
-    """MR^-2: geometric mean of the miss rate at 9 FPPI points log-spaced in [1e-2, 1e0] (Dollár et al.);
-    at each point the miss rate of the last operating point with FPPI ≤ it (1 when there is none)."""
+    """MR^-2 as CrowdHuman computes it: geometric mean over the 9 FPPI references of the miss rate at
+    the first operating point whose FPPI ≥ the reference (the last point when none reaches it)."""
+    if tp.size == 0:
+        return 1.0
     fppi = np.cumsum(fp) / max(n_images, 1)
     miss = 1.0 - np.cumsum(tp) / max(n_gt, 1)
-    mr = np.ones(len(FPPI_REFS))
-    for i, ref in enumerate(FPPI_REFS):
-        j = np.flatnonzero(fppi <= ref)
-        if j.size:
-            mr[i] = miss[j[-1]]
+    first = np.searchsorted(fppi, FPPI_REFS, side="left")  # fppi is non-decreasing
+    mr = miss[np.minimum(first, fppi.size - 1)]
     return float(np.exp(np.log(np.maximum(mr, 1e-10)).mean()))
+
+
+def _ji_image(dt: np.ndarray, gt: np.ndarray, ig: np.ndarray, iou_threshold: float) -> tuple[int, int, int]:
+    """(matched, counted ground truth, counted detections) of one image for CrowdHuman's JI."""
+    k = 0
+    dt_left, gt_left = np.ones(len(dt), bool), np.ones(len(gt), bool)
+    if len(dt) and len(gt):
+        iou = _overlaps(dt, gt)[0]
+        match = maximum_bipartite_matching(csr_matrix(np.where(iou >= iou_threshold, iou, 0.0)), perm_type="column")
+        paired = np.flatnonzero(match >= 0)
+        k = paired.size
+        dt_left[paired] = False
+        gt_left[match[paired]] = False
+    ignored_dt = ignored_gt = 0
+    if len(ig):
+        if dt_left.any():
+            ignored_dt = int((_overlaps(dt[dt_left], ig)[1].max(1) > iou_threshold).sum())
+        if gt_left.any():
+            ignored_gt = int((_overlaps(gt[gt_left], ig)[1].max(1) > iou_threshold).sum())
+    return k, len(gt) - ignored_gt, len(dt) - ignored_dt
 
 
 def jaccard_index(images: Sequence[dict], iou_threshold: float = IOU_THRESHOLD,
                   score_thresholds: Sequence[float] = JI_THRESHOLDS) -> dict:
-    """CrowdHuman JI: ``JI`` (best over score thresholds) and ``per_threshold``."""
+    """CrowdHuman JI: ``JI`` (best over score thresholds), ``JI_score_threshold`` and ``per_threshold``."""
     per = {}
     for thr in score_thresholds:
         ratios = []
         for im in images:
-            dt, gt, ig = _boxes(im.get("dt_boxes")), _boxes(im.get("gt_boxes")), _boxes(im.get("ignore"))
-            dt = dt[np.asarray(im.get("dt_scores", []), np.float64).ravel() >= thr]
-            if len(ig) and len(dt):
-                dt = dt[_overlaps(dt, ig)[1].max(1) < iou_threshold]
-            k = 0
-            if len(dt) and len(gt):
-                iou = _overlaps(dt, gt)[0]
-                weight = np.where(iou >= iou_threshold, iou, 0.0)
-                r, c = linear_sum_assignment(weight, maximize=True)
-                k = int((weight[r, c] > 0).sum())
-            denom = len(gt) + len(dt) - k
-            ratios.append(k / denom if denom else 1.0)
+            dt = _boxes(im.get("dt_boxes"))
+            dt = dt[np.asarray(im.get("dt_scores", []), np.float64).ravel() > thr]
+            k, m, n = _ji_image(dt, _boxes(im.get("gt_boxes")), _boxes(im.get("ignore")), iou_threshold)
+            if m or n:
+                ratios.append(k / (m + n - k + JI_EPS))
         per[thr] = float(np.mean(ratios)) if ratios else 0.0
     best = max(per, key=per.get)
     return {"JI": per[best], "JI_score_threshold": best, "per_threshold": per}
 
 
 def detection_metrics(images: Sequence[dict], iou_threshold: float = IOU_THRESHOLD) -> dict:
-    """AP, MR^-2 and JI over ``images``: dicts of ``gt_boxes``, ``ignore``, ``dt_boxes``, ``dt_scores``."""
-    tp, fp, n_gt = _accumulate(images, iou_threshold)
-    return {"AP50": average_precision(tp, fp, n_gt), "MR-2": log_average_miss_rate(tp, fp, n_gt, len(images)),
+    """AP50, MR-2 and JI over ``images``: dicts of ``gt_boxes``, ``ignore``, ``dt_boxes``, ``dt_scores``."""
+    if not images:
+        raise ValueError("no images to evaluate")
+    tp, fp, n_gt = _accumulate(images, iou_threshold, strict=False)
+    tp_c, fp_c, _ = _accumulate(images, iou_threshold, strict=True)
+    return {"AP50": average_precision(tp, fp, n_gt), "MR-2": log_average_miss_rate(tp_c, fp_c, n_gt, len(images)),
             **jaccard_index(images, iou_threshold), "num_gt": n_gt, "num_images": len(images)}
 
 
