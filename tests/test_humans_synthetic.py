@@ -66,15 +66,21 @@ def test_labels_are_consistent(humans):
     attrs, reid = samples(humans, "attributes"), samples(humans, "reid")
     assert pose.keys() == parsing.keys() == attrs.keys() == reid.keys() and len(pose) == 45
     upper = CLASSES.index("upper_clothes")
+    head = {CLASSES.index(c) for c in ("face", "hair", "hat")}
     looks: dict[int, set] = {}
     cams: dict[int, set] = {}
+    hidden = 0
     for key, p in pose.items():
         x, y, w, h = p["box"]
         kps = p["keypoints"]
-        assert (kps[:, 2] == 2).all()
+        assert set(kps[:, 2].tolist()) <= {1.0, 2.0}
+        hidden += int((kps[:, 2] == 1).sum())
         # keypoints inside their person's box, box = the silhouette's extent in the label map
         assert (kps[:, 0] >= x).all() and (kps[:, 0] < x + w).all() and (kps[:, 1] >= y).all() and (kps[:, 1] < y + h).all()
         labels = parsing[key]["label_map"]
+        on = labels[kps[:, 1].astype(int), kps[:, 0].astype(int)]
+        assert (on > 0).all()  # every joint lies on the person
+        assert all(int(c) in head for c in on[:5][kps[:5, 2] == 2])  # a visible face keypoint is on the head
         ys, xs = np.nonzero(labels)
         assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == [x, y, w, h]
         assert labels.max() < len(CLASSES)
@@ -89,6 +95,7 @@ def test_labels_are_consistent(humans):
         looks.setdefault(r["pid"], set()).add(frozenset(colours))
         cams.setdefault(r["pid"], set()).add(r["camid"])
     assert all(len(v) == 1 for v in looks.values())
+    assert 0 < hidden < 0.3 * 17 * len(pose)  # some joints are hidden behind an arm or a bag, most are not
     assert len({next(iter(v)) for v in looks.values()}) > 5  # identities do differ
     assert all(len(c) >= 2 for c in cams.values())
 

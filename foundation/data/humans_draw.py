@@ -74,8 +74,8 @@ def draw_sample(sample: dict, task: dict) -> Image.Image:
                 d.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], outline=(255, 255, 255),
                           fill=(255, 0, 0) if v >= 2 else None)
         _rect(d, t["box"], s, (0, 255, 0))
-        labelled = int((kps[:, 2] > 0).sum())
-        return _text_panel(img, [key, f"{labelled}/{len(kps)} keypoints labelled"])
+        labelled, visible = int((kps[:, 2] > 0).sum()), int((kps[:, 2] >= 2).sum())
+        return _text_panel(img, [key, f"{labelled}/{len(kps)} keypoints labelled, {visible} visible"])
     if kind == "parsing":
         labels = t["label_map"]
         pal = palette()

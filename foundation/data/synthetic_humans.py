@@ -6,7 +6,8 @@ trousers / shorts / skirt, bag, each garment a colour and a pattern). A view dra
 random pose (limb angles), scale and place in front of one camera's background. Every pixel belongs to
 one parsing class, and the colours are painted from the class map, so the labels are exact:
 
-* the keypoints (COCO's 17, in COCO order) are the joints the limbs are drawn from;
+* the keypoints (COCO's 17, in COCO order) are the joints the limbs are drawn from, hidden (v = 1)
+  where another body part is drawn over them;
 * the parsing label map is the class map itself; the attributes are the outfit that chose the classes;
 * an identity looks the same (same garment colours and patterns) in every camera;
 * detection scenes place several identities, painted far to near, so nearer people occlude farther
@@ -114,60 +115,97 @@ def skeleton(ident: Identity, rng: np.random.Generator) -> np.ndarray:
     return k
 
 
-def draw_person(canvas: Image.Image, ident: Identity, joints: np.ndarray, height: float) -> None:
-    """Paint the identity's parsing classes onto an ``L`` canvas; ``joints`` (17, 2) in canvas pixels."""
-    d = ImageDraw.Draw(canvas)
+# body parts, drawn back to front; a joint is visible when the part on top at its pixel is one of its own
+PARTS = ["none", "hair_back", "left_shin", "left_thigh", "left_shoe", "right_shin", "right_thigh", "right_shoe",
+         "lower_body", "neck", "torso", "left_upper_arm", "left_forearm", "left_hand", "right_upper_arm",
+         "right_forearm", "right_hand", "bag", "head", "hair", "hat"]
+P = {name: i for i, name in enumerate(PARTS)}
+_HEAD = {"head", "hair", "hat"}
+JOINT_PARTS = [_HEAD, _HEAD, _HEAD, _HEAD, _HEAD,
+               {"torso", "left_upper_arm"}, {"torso", "right_upper_arm"},
+               {"left_upper_arm", "left_forearm"}, {"right_upper_arm", "right_forearm"},
+               {"left_forearm", "left_hand"}, {"right_forearm", "right_hand"},
+               {"torso", "lower_body", "left_thigh"}, {"torso", "lower_body", "right_thigh"},
+               {"left_thigh", "left_shin", "lower_body"}, {"right_thigh", "right_shin", "lower_body"},
+               {"left_shin", "left_shoe"}, {"right_shin", "right_shoe"}]
+
+
+def draw_person(canvas: Image.Image, ident: Identity, joints: np.ndarray, height: float) -> np.ndarray:
+    """Paint the identity's parsing classes onto an ``L`` canvas; ``joints`` (17, 2) in canvas pixels.
+    Returns the (H, W) uint8 map of which body part (``PARTS``) is on top at each pixel."""
+    part_canvas = Image.new("L", canvas.size, 0)
+    draws = (ImageDraw.Draw(canvas), ImageDraw.Draw(part_canvas))
+
+    def shape(kind: str, coords, cls: str, part: str, **kw) -> None:
+        for d, value in zip(draws, (C[cls], P[part])):
+            getattr(d, kind)(coords, fill=value, **kw)
 
     def px(v: float) -> int:
         return max(1, int(round(v * height)))
 
-    def limb(a, b, cls, width):
-        d.line([tuple(a), tuple(b)], fill=cls, width=px(width))
+    def limb(a, b, cls, part, width):
+        shape("line", [tuple(a), tuple(b)], cls, part, width=px(width))
         for p in (a, b):
             r = px(width) / 2
-            d.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=cls)
+            shape("ellipse", [p[0] - r, p[1] - r, p[0] + r, p[1] + r], cls, part)
+
+    def disc(p, rx, ry0, ry1, cls, part):
+        shape("ellipse", [p[0] - rx, p[1] - ry0, p[0] + rx, p[1] + ry1], cls, part)
 
     head = (joints[3] + joints[4]) / 2
     r = 0.065 * height
     if ident.long_hair:  # hair falls behind the shoulders
-        d.ellipse([head[0] - 1.2 * r, head[1] - 1.1 * r, head[0] + 1.2 * r, head[1] + 2.6 * r], fill=C["hair"])
-    legs = {1: (11, 13, 15, "left_leg", "left_shoe"), -1: (12, 14, 16, "right_leg", "right_shoe")}
-    for side, (h, kn, an, skin_cls, shoe) in legs.items():
-        thigh = C["pants"] if ident.lower != "skirt" else C[skin_cls]
-        shin = C["pants"] if ident.lower == "trousers" else C[skin_cls]
-        limb(joints[kn], joints[an], shin, 0.06)
-        limb(joints[h], joints[kn], thigh, 0.08)
-        a = joints[an]
-        d.ellipse([a[0] - 0.045 * height, a[1] - 0.015 * height, a[0] + 0.045 * height, a[1] + 0.03 * height],
-                  fill=C[shoe])
+        disc(head, 1.2 * r, 1.1 * r, 2.6 * r, "hair", "hair_back")
+    for side, (h, kn, an) in (("left", (11, 13, 15)), ("right", (12, 14, 16))):
+        thigh = "pants" if ident.lower != "skirt" else f"{side}_leg"
+        shin = "pants" if ident.lower == "trousers" else f"{side}_leg"
+        limb(joints[kn], joints[an], shin, f"{side}_shin", 0.06)
+        limb(joints[h], joints[kn], thigh, f"{side}_thigh", 0.08)
+        disc(joints[an] + [0, 0], 0.045 * height, 0.015 * height, 0.03 * height, f"{side}_shoe", f"{side}_shoe")
     hip_l, hip_r, sh_l, sh_r = joints[11], joints[12], joints[5], joints[6]
     if ident.lower == "skirt":
         y0, y1 = hip_l[1] - 0.03 * height, (joints[13][1] + joints[14][1]) / 2
-        d.polygon([(hip_l[0] + 0.04 * height, y0), (hip_r[0] - 0.04 * height, y0),
-                   (min(hip_r[0], joints[14][0]) - 0.07 * height, y1),
-                   (max(hip_l[0], joints[13][0]) + 0.07 * height, y1)], fill=C["skirt"])
+        shape("polygon", [(hip_l[0] + 0.04 * height, y0), (hip_r[0] - 0.04 * height, y0),
+                          (min(hip_r[0], joints[14][0]) - 0.07 * height, y1),
+                          (max(hip_l[0], joints[13][0]) + 0.07 * height, y1)], "skirt", "lower_body")
     else:
-        d.polygon([(hip_l[0] + 0.04 * height, hip_l[1] - 0.03 * height), (hip_r[0] - 0.04 * height, hip_r[1] - 0.03 * height),
-                   (hip_r[0], hip_r[1] + 0.07 * height), (hip_l[0], hip_l[1] + 0.07 * height)], fill=C["pants"])
-    limb((sh_l + sh_r) / 2, head, C["face"], 0.05)  # neck
-    d.polygon([(sh_l[0] + 0.02 * height, sh_l[1] - 0.015 * height), (sh_r[0] - 0.02 * height, sh_r[1] - 0.015 * height),
-               (hip_r[0] - 0.025 * height, hip_r[1] + 0.01 * height),
-               (hip_l[0] + 0.025 * height, hip_l[1] + 0.01 * height)], fill=C["upper_clothes"])
-    for s, e, w, cls in ((5, 7, 9, "left_arm"), (6, 8, 10, "right_arm")):
-        limb(joints[s], joints[e], C["upper_clothes"], 0.055)
-        limb(joints[e], joints[w], C["upper_clothes"] if ident.long_sleeves else C[cls], 0.045)
-        p = joints[w]
-        d.ellipse([p[0] - 0.03 * height, p[1] - 0.03 * height, p[0] + 0.03 * height, p[1] + 0.03 * height], fill=C[cls])
+        shape("polygon", [(hip_l[0] + 0.04 * height, hip_l[1] - 0.03 * height),
+                          (hip_r[0] - 0.04 * height, hip_r[1] - 0.03 * height),
+                          (hip_r[0], hip_r[1] + 0.07 * height), (hip_l[0], hip_l[1] + 0.07 * height)],
+              "pants", "lower_body")
+    limb((sh_l + sh_r) / 2, head, "face", "neck", 0.05)
+    shape("polygon", [(sh_l[0] + 0.02 * height, sh_l[1] - 0.015 * height),
+                      (sh_r[0] - 0.02 * height, sh_r[1] - 0.015 * height),
+                      (hip_r[0] - 0.025 * height, hip_r[1] + 0.01 * height),
+                      (hip_l[0] + 0.025 * height, hip_l[1] + 0.01 * height)], "upper_clothes", "torso")
+    for side, (s_, e, w) in (("left", (5, 7, 9)), ("right", (6, 8, 10))):
+        limb(joints[s_], joints[e], "upper_clothes", f"{side}_upper_arm", 0.055)
+        limb(joints[e], joints[w], "upper_clothes" if ident.long_sleeves else f"{side}_arm", f"{side}_forearm", 0.045)
+        disc(joints[w], 0.03 * height, 0.03 * height, 0.03 * height, f"{side}_arm", f"{side}_hand")
     if ident.bag:
         top = joints[12] + [-0.11 * height, -0.05 * height]
-        d.line([tuple(joints[5]), tuple(top + [0.04 * height, 0])], fill=C["bag"], width=px(0.012))
-        d.rectangle([top[0], top[1], top[0] + 0.08 * height, top[1] + 0.1 * height], fill=C["bag"])
-    d.ellipse([head[0] - r, head[1] - 1.1 * r, head[0] + r, head[1] + 1.1 * r], fill=C["face"])
-    d.pieslice([head[0] - 1.05 * r, head[1] - 1.25 * r, head[0] + 1.05 * r, head[1] + 0.5 * r], 180, 360,
-               fill=C["hair"])
+        strap = (joints[5] * 2 + joints[6]) / 3  # from beside the shoulder: a thin strap does not hide the joint
+        shape("line", [tuple(strap), tuple(top + [0.04 * height, 0])], "bag", "bag", width=px(0.012))
+        shape("rectangle", [top[0], top[1], top[0] + 0.08 * height, top[1] + 0.1 * height], "bag", "bag")
+    disc(head, r, 1.1 * r, 1.1 * r, "face", "head")
+    shape("pieslice", [head[0] - 1.05 * r, head[1] - 1.25 * r, head[0] + 1.05 * r, head[1] + 0.5 * r], "hair", "hair",
+          start=180, end=360)
     if ident.hat:
-        d.rectangle([head[0] - 0.85 * r, head[1] - 1.6 * r, head[0] + 0.85 * r, head[1] - 0.5 * r], fill=C["hat"])
-        d.rectangle([head[0] - 1.3 * r, head[1] - 0.7 * r, head[0] + 1.3 * r, head[1] - 0.45 * r], fill=C["hat"])
+        shape("rectangle", [head[0] - 0.85 * r, head[1] - 1.6 * r, head[0] + 0.85 * r, head[1] - 0.5 * r], "hat", "hat")
+        shape("rectangle", [head[0] - 1.3 * r, head[1] - 0.7 * r, head[0] + 1.3 * r, head[1] - 0.45 * r], "hat", "hat")
+    return np.asarray(part_canvas)
+
+
+def visibility(joints: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """(17,) COCO ``v``: 2 where the part on top at the joint's pixel is the joint's own, else 1 (hidden
+    behind another part of the body: the other arm, the bag)."""
+    h, w = parts.shape
+    v = np.ones(len(joints))
+    for i, (x, y) in enumerate(joints):
+        xi, yi = int(np.floor(x)), int(np.floor(y))
+        if 0 <= xi < w and 0 <= yi < h and PARTS[parts[yi, xi]] in JOINT_PARTS[i]:
+            v[i] = 2
+    return v
 
 
 def _pattern(colour: tuple, pattern: str, ys: np.ndarray, xs: np.ndarray, period: int) -> np.ndarray:
@@ -221,8 +259,8 @@ def render(ident: Identity, rng: np.random.Generator, size: tuple[int, int], hei
            top_centre: tuple[float, float]) -> Rendered:
     joints = skeleton(ident, rng) * height + np.asarray(top_centre)
     canvas = Image.new("L", size, 0)
-    draw_person(canvas, ident, joints, height)
-    kps = np.concatenate([joints, np.full((17, 1), 2.0)], 1)
+    parts = draw_person(canvas, ident, joints, height)
+    kps = np.concatenate([joints, visibility(joints, parts)[:, None]], 1)
     return Rendered(np.asarray(canvas), kps, top_centre, height)
 
 
