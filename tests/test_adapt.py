@@ -83,7 +83,7 @@ def test_splits_are_deterministic_stratified_and_exact_in_shots():
 @pytest.fixture(scope="module")
 def tiny_run(digits_shards, tmp_path_factory) -> Path:
     recipe = validate(tiny_recipe(digits_shards, tmp_path_factory.mktemp("runs"), name="pretrained",
-                                  train={"steps": 30, "eval_batches": 1}))
+                                  train={"steps": 100, "eval_batches": 1}))
     train(recipe)
     return recipe.run_dir
 
@@ -165,7 +165,7 @@ def test_backbone_kinds_give_the_models_own_features(tiny_run, tmp_path):
     assert named.identity != load_backbone("timm:resnet10t", weights=str(tmp_path / "w.pth")).identity
     # weights of another architecture: a clear refusal naming the keys, never a silent partial load
     with pytest.raises(CheckpointError, match="does not fit"):
-        load_backbone("timm:resnet10t", weights=str(tiny_run / "checkpoints" / "step_30" / "model.safetensors"))
+        load_backbone("timm:resnet10t", weights=str(tiny_run / "checkpoints" / "step_100" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="needs --weights"):
         load_backbone("timm:resnet10t")
 
@@ -205,3 +205,94 @@ def test_digits_and_clipart_converters(tmp_path):
     img = Image.open(io.BytesIO(samples[0]["png"]))
     assert img.mode == "RGB" and max(img.size) == 128  # shrunk to at most 128 px
     assert img.getpixel((2, 2)) == (255, 255, 255)  # the transparent background became white, not black
+
+
+@pytest.fixture(scope="module")
+def parity_shards(digits_shards, tmp_path_factory) -> Path:
+    """The same real digits with a new task: even / odd (2 classes, so fine-tuning needs a new head)."""
+    from foundation.data.shards import iter_raw_samples, write_manifest, write_split
+
+    out = tmp_path_factory.mktemp("parity")
+    splits = {}
+    for split in ("train", "val"):
+        samples = ({"__key__": s["__key__"], "png": s["png"], "cls": str(int(s["cls"]) % 2).encode()}
+                   for s in iter_raw_samples(str(digits_shards), split))
+        splits[split] = write_split(out, split, samples)
+    write_manifest(out, None, splits, class_names=["even", "odd"], source={"digits": "parity"}, command="tests")
+    return out
+
+
+def test_finetuning_from_a_pretrained_checkpoint_beats_random_init_on_a_new_task(tiny_run, parity_shards, tmp_path,
+                                                                                   capsys):
+    from safetensors.torch import load_file
+
+    from foundation.data.shards import iter_raw_samples
+
+    common = ["--checkpoint", str(tiny_run), "--data", str(parity_shards), "--shots", "8", "--steps", "20",
+              "--ft-batch-size", "16", "--lr", "3e-3", "--workers", "0", "--wandb", "disabled", "--device", "cpu"]
+    code, out = adapt([*common, "--method", "finetune", "scratch", "--out", str(tmp_path / "ft")], capsys)
+    assert code == 0
+    finetuned, scratch = (json.loads(Path(r["file"]).read_text()) for r in out["results"])
+    # stated margin: the digits-pretrained backbone gives >= 15 points more top-1 on even/odd than random init,
+    # with the same 16 training samples (8 per class) and 20 steps
+    assert finetuned["top1"] >= scratch["top1"] + 15, (finetuned["top1"], scratch["top1"])
+    run = finetuned["runs"][0]
+    step = tiny_run / "checkpoints" / "step_100"
+    assert run["init"] == str(step) and run["train_samples"] == finetuned["train_samples"] == 16
+    report = json.loads((Path(run["run_dir"]) / "init_report.json").read_text())
+    assert "conv1.0.weight" in report["loaded"] and not any(k.startswith("fc.") for k in report["loaded"])  # new head
+    generated = (Path(run["recipe"])).read_text()
+    assert "part: backbone" in generated and "num_classes: 2" in generated
+    split = read_split(run["split_file"])  # the training stream holds exactly the split's samples
+    subset = Path(run["recipe"]).parent / "data"
+    assert sorted(s["__key__"] for s in iter_raw_samples(str(subset), "train")) == split["keys"]
+
+    # partial fine-tuning: everything frozen but the new head
+    code, out = adapt([*common, "--method", "finetune", "--freeze", "*", "!model.fc.*", "--out", str(tmp_path / "head")],
+                      capsys)
+    assert code == 0, out
+    head_run = json.loads(Path(out["results"][0]["file"]).read_text())["runs"][0]
+    final = load_file(str(sorted((Path(head_run["run_dir"]) / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+    source = load_file(str(step / "model.safetensors"))
+    assert torch.equal(final["layer4.0.conv2.weight"], source["layer4.0.conv2.weight"])
+    assert final["fc.weight"].shape == (2, 128)
+
+
+def test_suite_table_equals_the_cell_files_and_resumes_without_recomputing(tiny_run, digits_shards, parity_shards,
+                                                                           tmp_path, capsys):
+    import yaml
+
+    suite = {"name": "tiny", "checkpoint": str(tiny_run), "datasets": {"digits": str(digits_shards),
+                                                                       "parity": str(parity_shards)},
+             "methods": ["linear", "knn"], "fractions": [0.0005, 0.1, 1.0], "cache": str(tmp_path / "cache"),
+             "workers": 0, "finetune": {"steps": 3, "batch_size": 16}, "wandb": "disabled"}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert main(["adapt", "--suite", str(path), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    cells = table["cells"]
+    assert len(cells) == 2 * (2 * 3 + 1)  # datasets x (methods x fractions + scratch)
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    html = (tmp_path / "out" / "table.html").read_text()
+    for cell in cells:
+        stored = json.loads(Path(cell["file"]).read_text())
+        assert stored["method"] == cell["method"] and stored["fraction"] == cell["fraction"]
+        if cell["fraction"] == 0.0005:  # empties classes of this dataset: recorded, the rest still ran
+            assert "error" in cell and "empty" in stored["error"]
+            continue
+        assert cell["top1"] == stored["top1"] and cell["train_samples"] == stored["train_samples"]
+        assert f"{stored['top1']:.1f}" in markdown and f"{stored['top1']:.1f}" in html
+    row = next(line for line in markdown.splitlines() if line.startswith("| parity | linear |"))
+    by_fraction = {c["fraction"]: c for c in cells if c["dataset"] == "parity" and c["method"] == "linear"}
+    assert "| dataset | method | 0.05% | 10% | 100% |" in markdown
+    assert row == f"| parity | linear | — | {by_fraction[0.1]['top1']:.1f} | {by_fraction[1.0]['top1']:.1f} |"
+    assert "data:image/png;base64," in html and (tmp_path / "out" / "accuracy_vs_fraction.png").stat().st_size > 1000
+
+    stamps = {c["file"]: Path(c["file"]).stat().st_mtime_ns for c in cells}
+    suite["k"] = 5  # a changed k-NN setting reruns the k-NN cells only
+    path.write_text(yaml.safe_dump(suite))
+    assert main(["adapt", "--suite", str(path), "--out", str(tmp_path / "out")]) == 0
+    again = json.loads((tmp_path / "out" / "table.json").read_text())["cells"]
+    assert {c["file"] for c in again if not c["reused"]} == {c["file"] for c in cells if c["method"] == "knn"}
+    assert all(Path(f).stat().st_mtime_ns == t for f, t in stamps.items() if "knn" not in Path(f).name)

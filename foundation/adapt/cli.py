@@ -63,7 +63,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--weight-decay", type=float, default=0.05)
     ft.add_argument("--layer-decay", type=float, help="layer-wise lr decay (timm), e.g. 0.75")
     ft.add_argument("--freeze", nargs="*", default=[],
-                    help="parameter-name globs to freeze, last match wins, !glob un-freezes ('*' '!head.*': head only)")
+                    help="globs on the task's parameter names as the training log lists them (model.layer1.0.conv1.weight); "
+                         "last match wins, !glob un-freezes: '*' '!model.fc.*' trains a ResNet's new head only")
     ft.add_argument("--warmup-steps", type=int, default=0)
     ft.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"])
     ft.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -69,12 +69,11 @@ def generate_recipe(adaptation: Adaptation, train_data: str, seed: int, run_root
         raise RecipeError(f"{adaptation.checkpoint}: a {backbone.kind} checkpoint cannot be fine-tuned by the training "
                           "engine (its vision tower is not a timm model); use the platform run it was exported from, "
                           "or --method linear / knn")
-    names = adaptation.class_names
-    if not names:
-        raise DataError(f"{adaptation.data}: fine-tuning needs class names (num_classes) from the data's manifest")
+    # num_classes: the manifest's class names, else the largest training label + 1
+    num_classes = len(adaptation.class_names) if adaptation.class_names else int(adaptation.train_index()[1].max()) + 1
     o, ft = adaptation.opts, adaptation.opts.finetune
     pre = backbone.preprocessing
-    model = {"backbone": arch["backbone"], "num_classes": len(names), "in_chans": pre["in_chans"],
+    model = {"backbone": arch["backbone"], "num_classes": num_classes, "in_chans": pre["in_chans"],
              "kwargs": arch.get("kwargs", {}), "freeze": [] if scratch else list(ft.freeze)}
     for key in ("img_size", "patch_size"):
         if arch.get(key) is not None:

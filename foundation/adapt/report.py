@@ -27,7 +27,7 @@ def _value(cell: dict) -> str:
 
 def _grid(cells: list[dict]) -> tuple[list[str], list[tuple[str, str]], dict]:
     fractions = sorted({float(c["fraction"]) for c in cells})
-    labels = [f"{f:.0%}" if f * 100 == int(f * 100) else f"{f:.1%}" for f in fractions]
+    labels = [f"{f * 100:.4g}%" for f in fractions]
     rows = sorted({(c["dataset"], c["method"]) for c in cells},
                   key=lambda r: ([c["dataset"] for c in cells].index(r[0]), METHOD_ORDER.index(r[1])))
     at = {(c["dataset"], c["method"], float(c["fraction"])): c for c in cells}

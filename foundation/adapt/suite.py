@@ -92,8 +92,8 @@ def _settings_key(suite: Suite, opts: AdaptOptions, method: str) -> str:
     """What a cell's figure depends on besides (dataset, method, fraction): a changed setting reruns the cell."""
     parts = {"checkpoint": suite.checkpoint, "weights": suite.weights, "seeds": suite.seeds}
     if method in ("linear", "knn"):
-        parts |= {"feature": opts.feature, "image_size": opts.image_size, "k": opts.k, "T": opts.temperature,
-                  "holdout": opts.holdout}
+        parts |= {"feature": opts.feature, "image_size": opts.image_size}
+        parts |= {"k": opts.k, "T": opts.temperature} if method == "knn" else {"holdout": opts.holdout}
     else:
         parts |= {"finetune": dataclasses.asdict(opts.finetune)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
