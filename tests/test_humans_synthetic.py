@@ -58,13 +58,16 @@ def test_manifests_name_the_tasks(humans):
     reid = read_manifest(humans / "reid")
     assert sorted(reid["splits"]) == ["gallery", "query", "train"]
     assert reid["splits"]["train"]["samples"] == 12 * 3 and reid["splits"]["query"]["samples"] == 3
+    assert reid["splits"]["gallery"]["samples"] == 3 * 2 + 1  # the other views of the 3 test ids, a distractor
     assert read_manifest(humans / "detection")["source"]["note"].startswith("procedurally drawn")
 
 
 def test_labels_are_consistent(humans):
     pose, parsing = samples(humans, "pose"), samples(humans, "parsing")
     attrs, reid = samples(humans, "attributes"), samples(humans, "reid")
-    assert pose.keys() == parsing.keys() == attrs.keys() == reid.keys() and len(pose) == 45
+    distractors = {k for k in reid if k.startswith("distractor")}
+    assert len(distractors) == 1 and all(reid[k]["pid"] == 0 and reid[k]["split"] == "gallery" for k in distractors)
+    assert pose.keys() == parsing.keys() == attrs.keys() == reid.keys() - distractors and len(pose) == 45
     upper = CLASSES.index("upper_clothes")
     head = {CLASSES.index(c) for c in ("face", "hair", "hat")}
     looks: dict[int, set] = {}
@@ -155,3 +158,36 @@ def test_pose_shard_evaluates_with_cocoeval(humans):
     assert keypoint_ap(gt, results(0.0))["AP"] == pytest.approx(1.0)
     shifted = keypoint_ap(gt, results(5.0))["AP"]
     assert shifted < 0.6
+
+
+def test_reid_split_scores_with_the_market_protocol(humans):
+    """Garment colours (what stays the same across cameras; found through the parsing label map of the
+    same key) find the right person; random features do not."""
+    from evaluation.human.reid import evaluate_reid, pairwise_distance
+
+    label_maps = {k: v["label_map"] for k, v in samples(humans, "parsing", ["val"]).items()}
+    garments = [[CLASSES.index("upper_clothes")], [CLASSES.index(c) for c in ("pants", "skirt")]]
+
+    def features(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feats, pids, cams = [], [], []
+        for s in iter_raw_samples(str(humans / "reid"), split):
+            t = DECODERS["reid"](s)
+            img = t["image"].astype(np.float64)
+            labels = label_maps.get(s["__key__"])
+            if labels is None:  # a distractor: no parsing sample; the centre of the picture will do
+                h, w = img.shape[:2]
+                feats.append(np.tile(img[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean((0, 1)), 2))
+            else:
+                feats.append(np.concatenate([img[np.isin(labels, g)].mean(0) for g in garments]))
+            pids.append(t["pid"])
+            cams.append(t["camid"])
+        return np.asarray(feats), np.asarray(pids), np.asarray(cams)
+
+    qf, qp, qc = features("query")
+    gf, gp, gc = features("gallery")
+    assert (gp == 0).sum() == 1
+    good = evaluate_reid(pairwise_distance(qf, gf), qp, gp, qc, gc)
+    assert good["valid_queries"] == 3 and good["rank1"] == 1.0 and good["mAP"] == 1.0
+    rng = np.random.default_rng(0)
+    rand = evaluate_reid(pairwise_distance(rng.normal(size=qf.shape), rng.normal(size=gf.shape)), qp, gp, qc, gc)
+    assert rand["mAP"] < 0.9

@@ -345,7 +345,8 @@ def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int =
              overwrite: bool = False) -> dict:
     """Write ``n`` identities × ``views`` cameras (and ``ceil(n / 3)`` scenes) as five task shard sets under
     ``out``; returns {task: manifest}. 80% of the identities (and scenes) train, the rest val; ReID: the
-    val identities' first view is the query, their other views the gallery."""
+    val identities' first view is the query, their other views the gallery, joined by ``n // 10`` (at
+    least one) distractors: other people, id 0."""
     if n < 2 or views < 2 or size < 32:
         raise DataError(f"synthetic humans need --n ≥ 2 identities, --views ≥ 2 and --size ≥ 32 (got {n}, {views}, {size})")
     out = Path(out)
@@ -382,6 +383,13 @@ def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int =
             if reid_split == "train":
                 entry["cls"] = str(train_index[ident.pid]).encode()
             samples["reid"].setdefault(reid_split, []).append(entry)
+    for j in range(max(1, n // 10)):  # distractors: people nobody looks for, id 0 in the gallery (Market-1501)
+        ident = make_identity(n + 1 + j, seed)
+        cam = int(np.random.default_rng([seed, 7, j]).integers(CAMERAS)) + 1
+        view = person_view(ident, cam, 0, seed, size)
+        samples["reid"]["gallery"].append({
+            "__key__": f"distractor{j:05d}_c{cam}", "png": png_entry(view["image"]),
+            "json": json_entry({"pid": 0, "camid": cam, "split": "gallery"})})
     rng = np.random.default_rng([seed, 6])
     n_scenes = math.ceil(n / 3)
     for i in range(n_scenes):
