@@ -296,3 +296,30 @@ def test_suite_table_equals_the_cell_files_and_resumes_without_recomputing(tiny_
     again = json.loads((tmp_path / "out" / "table.json").read_text())["cells"]
     assert {c["file"] for c in again if not c["reused"]} == {c["file"] for c in cells if c["method"] == "knn"}
     assert all(Path(f).stat().st_mtime_ns == t for f, t in stamps.items() if "knn" not in Path(f).name)
+
+
+def test_clip_vision_tower_and_open_clip_export_as_backbones(tmp_path):
+    from test_clip import clip_recipe, write_caption_shards
+
+    from foundation.engine.checkpoint import load_model
+    from foundation.export import export_checkpoint
+
+    shards = write_caption_shards(tmp_path / "captions", per_class=(16, 4))
+    recipe = validate(clip_recipe(shards, tmp_path / "runs", "clip", task="clip",
+                                  train={"steps": 2, "batch_size": 8, "evals": []}))
+    train(recipe)
+    model, _ = load_model(recipe.run_dir)
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        pooled = load_backbone(str(recipe.run_dir))
+        projected = load_backbone(str(recipe.run_dir), feature="projected")
+        assert pooled.kind == "clip" and pooled.finetune["backbone"] == "vit_tiny_patch16_224"
+        assert torch.allclose(pooled.module(images), model.visual(images))  # (2, 64): before the projection
+        assert torch.allclose(projected.module(images), model.encode_image(images))  # (2, 32): joint space
+        assert pooled.identity != projected.identity  # separate feature caches
+        export_checkpoint(recipe.run_dir, tmp_path / "oc", "open_clip")
+        exported = load_backbone(str(tmp_path / "oc"), feature="projected")
+        assert exported.kind == "open_clip" and exported.finetune is None
+        assert exported.preprocessing["image_size"] == 32 and exported.preprocessing["mean"] == [0.5] * 3
+        rgb = images.expand(-1, 3, -1, -1)  # open_clip towers take RGB; the export replicated our grey statistics
+        assert torch.allclose(exported.module(rgb), model.encode_image(images), atol=1e-4)
