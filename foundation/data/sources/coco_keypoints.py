@@ -1,7 +1,7 @@
 """COCO keypoints JSON (``person_keypoints_*.json``) → top-down person crops with their keypoints.
 
-SRC is an annotation file, or a COCO root holding ``annotations/person_keypoints_{train,val}*.json``
-(one split each). Images are found under ``--image-root``, else ``<root>/<train2017|val2017>/`` next to
+SRC is an annotation file (the split ``--split``), or a COCO root holding
+``annotations/person_keypoints_{train,val}*.json`` (splits train / val, from the names). Images are found under ``--image-root``, else ``<root>/<train2017|val2017>/`` next to
 ``annotations/``, else the JSON's folder. The file is parsed with pycocotools.
 
 Each person annotation becomes one sample, cropped as top-down pose estimators do (HRNet / mmpose

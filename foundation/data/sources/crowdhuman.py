@@ -1,7 +1,7 @@
 """CrowdHuman ``.odgt`` annotations → pedestrian detection samples: full, visible and head boxes, ignore regions.
 
-SRC is an ``.odgt`` file (one JSON object per line: ``ID``, ``gtboxes``) or a folder holding
-``annotation_train.odgt`` / ``annotation_val.odgt`` (splits train / val). Images are
+SRC is an ``.odgt`` file (one JSON object per line: ``ID``, ``gtboxes``; the split ``--split``) or a
+folder holding ``annotation_train.odgt`` / ``annotation_val.odgt`` (splits train / val). Images are
 ``<image root>/<ID>.jpg`` with the image root ``--image-root``, else ``Images/`` next to the file, else the
 file's folder. Each ``gtboxes`` entry has ``tag`` (``person``, or ``mask`` for crowds, reflections and
 the like), ``fbox`` (full body, amodal), ``vbox`` (visible part), ``hbox`` (head) and ``extra.ignore``:
@@ -33,7 +33,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
     for ann in files:
         root = Path(opts.image_root) if opts.image_root else (
             ann.parent / "Images" if (ann.parent / "Images").is_dir() else ann.parent)
-        split = _split_of(ann, opts.split) if len(files) > 1 else opts.split
+        split = _split_of(ann, opts.split) if src.is_dir() else opts.split
         tasks = splits.setdefault(split, [])
         for n, line in enumerate(ann.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
