@@ -13,7 +13,7 @@ from foundation.data import DataError
 from foundation.data.cli import add_cli
 from foundation.data.humans import DECODERS, task_info
 from foundation.data.shards import iter_raw_samples, read_manifest
-from foundation.data.synthetic_humans import ATTRIBUTES, CLASSES, generate
+from foundation.data.synthetic_humans import ATTRIBUTES, CLASSES, background, generate
 
 TASKS = ("pose", "parsing", "attributes", "reid", "detection")
 
@@ -86,6 +86,11 @@ def test_labels_are_consistent(humans):
         assert all(int(c) in head for c in on[:5][kps[:5, 2] == 2])  # a visible face keypoint is on the head
         ys, xs = np.nonzero(labels)
         assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == [x, y, w, h]
+        # the mask is the person exactly: outside it the picture is the camera's backdrop, pixel for pixel
+        img = parsing[key]["image"]
+        backdrop = background(reid[key]["camid"], img.shape[1], img.shape[0], seed=3)
+        np.testing.assert_array_equal(img[labels == 0], backdrop[labels == 0])
+        assert (img != backdrop).any(-1)[labels > 0].mean() > 0.95
         assert labels.max() < len(CLASSES)
         # attributes are what the label map shows
         a = dict(zip(ATTRIBUTES, attrs[key]["attributes"].tolist()))

@@ -408,4 +408,4 @@ def generate(out: str | Path, n: int, seed: int = 0, views: int = 3, size: int =
             for task, info in tasks.items()}
 
 
-__all__ = ["ATTRIBUTES", "CLASSES", "Identity", "generate", "make_identity", "person_view", "scene"]
+__all__ = ["ATTRIBUTES", "CLASSES", "Identity", "background", "generate", "make_identity", "person_view", "scene"]
