@@ -32,7 +32,19 @@ from PIL import Image
 from torch import Tensor, nn
 
 from evaluation.adversarial import AdversarialMeter, Attack, Normalized, default_attacks
-from evaluation.corruptions import ALL_CORRUPTIONS, EXTRA, IMAGENET_C, SEVERITIES, applicable, corrupt
+from evaluation.corruptions import ALL_CORRUPTIONS, EXTRA, IMAGENET_C, SEVERITIES, applicable, corrupt, frost_source
+
+class NoSamples(ValueError):
+    """The sample iterator yielded nothing (empty split, every image unreadable)."""
+
+
+def no_samples_error(spec: str, split: str, bad: list[str]):
+    """The user-facing error (exit 2) for an evaluation that found no readable sample."""
+    from foundation.data import DataError
+
+    unreadable = f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
+    return DataError(f"{spec}: no samples to evaluate in split {split!r}{unreadable}; check --data and --split")
+
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -328,7 +340,7 @@ def evaluate_robustness(
         if pool is not None:
             pool.shutdown()
     if counts.total == 0:
-        raise ValueError("no samples to evaluate")
+        raise NoSamples("no samples to evaluate")
 
     n = counts.total
     acc = {c: [100.0 * counts.corrupted[(c, s)] / n for s in severities] for c in active}
@@ -346,6 +358,8 @@ def evaluate_robustness(
             "mean_error": {c: float(np.mean(e)) for c, e in err.items()},
             "mean_corruption_error": float(np.mean([np.mean(err[c]) for c in in_c])) if in_c else None,
             "not_applicable": skipped,
+            # what frost blends in: ImageNet-C's photographs (package imagecorruptions) or the generated texture
+            "frost_source": frost_source() if "frost" in active else None,
         },
         "mce": None,
         "adversarial": meter.result() if meter is not None else None,
@@ -385,13 +399,20 @@ def add_common_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--data", default=None, help="validation shards (default: the recipe's data.val)")
     p.add_argument("--split", default="val", help="split to read when --data is a manifest (default: val)")
     p.add_argument("--out", default=None, help=f"output directory (default: <run dir>/eval/{name})")
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    p.add_argument("--task", help="which task of a multi-task run to evaluate (its head on the shared backbone)")
     p.add_argument("--wandb", action="store_true", help="also log the figures and tables to W&B")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -400,8 +421,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, data_spec: str | None = None
-               ) -> EvalSetup:
+def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, data_spec: str | None = None,
+               task: str | None = None) -> EvalSetup:
     """The model in eval mode plus the data settings of its recipe (a run directory means its newest checkpoint).
 
     A CLIP/DeCLIP checkpoint becomes a zero-shot classifier over the class names in the manifest of
@@ -411,7 +432,7 @@ def load_setup(checkpoint: str | Path, device: str = "auto", ema: bool = False, 
     from foundation.models.dual_encoder import DualEncoder
 
     dev = resolve_device(device)
-    model, recipe = load_model(checkpoint, device=str(dev), **({"ema": True} if ema else {}))
+    model, recipe = load_model(checkpoint, device=str(dev), ema=ema, task=task)
     model.eval()
     if isinstance(model, DualEncoder):
         from evaluation.zeroshot import ZeroShotClassifier
@@ -508,7 +529,8 @@ class Progress:
         if not quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+            # delay: a command that fails at once (no shards, no sample) prints its error line and no bar
+            self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, delay=1.0)
 
     def __call__(self, n: int) -> None:
         if self.bar is not None:
@@ -593,6 +615,8 @@ def _evaluate_checkpoint(setup: EvalSetup, args: argparse.Namespace, attacks: li
             reference_clean_error=reference_clean, batch_size=args.batch_size, seed=args.seed,
             device=setup.device, workers=args.workers, progress=bar,
         )
+    except NoSamples:
+        raise no_samples_error(spec, args.split, bad) from None
     finally:
         bar.close()
     result["checkpoint"] = str(setup.checkpoint)
@@ -611,7 +635,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
+    setup = load_setup(args.checkpoint, args.device, args.ema, args.data, args.task)
     spec = args.data or checkpoint_data(setup.recipe)
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)

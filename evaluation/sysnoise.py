@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from evaluation.robustness import (
+    NoSamples,
     Progress,
     add_common_arguments,
     batched,
@@ -50,6 +51,7 @@ from evaluation.robustness import (
     default_out_dir,
     iter_raw,
     load_setup,
+    no_samples_error,
     pil_decode,
     predict,
     resize_size,
@@ -479,7 +481,7 @@ def evaluate_sysnoise(
         if progress is not None:
             progress(len(batch))
     if n == 0:
-        raise ValueError("no samples to evaluate")
+        raise NoSamples("no samples to evaluate")
 
     ref_top1 = 100.0 * ref_correct / n
     rows = []
@@ -550,7 +552,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval sysnoise``: evaluate, then write JSON + report + plot (+ W&B with --wandb)."""
     from evaluation.report import log_to_wandb, write_sysnoise_report
 
-    setup = load_setup(args.checkpoint, args.device, args.ema, args.data)
+    setup = load_setup(args.checkpoint, args.device, args.ema, args.data, args.task)
     spec = args.data or checkpoint_data(setup.recipe)
     if not spec:
         print("error: no --data given and the recipe has no data.val", file=sys.stderr)
@@ -580,6 +582,8 @@ def run_cli(args: argparse.Namespace) -> int:
             jpeg_quality=args.jpeg_quality, batch_size=args.batch_size, device=setup.device, progress=bar,
             extra_models=_int8_model(args.int8, setup.device),
         )
+    except NoSamples:
+        raise no_samples_error(spec, args.split, bad) from None
     finally:
         bar.close()
     result["checkpoint"] = str(setup.checkpoint)

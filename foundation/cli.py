@@ -60,16 +60,23 @@ def cmd_recipes_check(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _run_eval(args: argparse.Namespace, evaluate) -> int:
+def _run_eval(args: argparse.Namespace, evaluate, dual_encoder: bool = False) -> int:
     """Load the checkpoint, build the eval loader over ``--data`` with the recipe's preprocessing, run
-    ``evaluate(model, loader, device)``, print the JSON result and write it to ``--out``."""
+    ``evaluate(model, loader, device)``, print the JSON result and write it to ``--out``. ``dual_encoder``:
+    the evaluation needs a clip/declip checkpoint (else a classifier); the other kind is refused."""
     import torch
 
     from foundation.data.shards import build_eval_loader
-    from foundation.engine.checkpoint import load_model
+    from foundation.engine.checkpoint import CheckpointError, load_model
+    from foundation.models.dual_encoder import DualEncoder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, recipe = load_model(args.checkpoint, device)
+    model, recipe = load_model(args.checkpoint, device, task=args.task)
+    if isinstance(model, DualEncoder) != dual_encoder:
+        wanted, instead = (("a clip/declip", "eval classification") if dual_encoder else
+                           ("a classification", "eval zeroshot or eval retrieval"))
+        raise CheckpointError(f"{args.checkpoint}: eval {args.eval_command} needs {wanted} checkpoint; this one is "
+                              f"task {recipe.task.name!r} (use {instead})")
     loader = build_eval_loader(args.data, recipe.data, batch_size=args.batch_size, split=args.split)
     result = {"checkpoint": str(args.checkpoint), "data": args.data,
               **evaluate(model, loader, device), "skipped": getattr(loader, "skipped", 0)}
@@ -93,20 +100,20 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
     names = class_names(args.data)
     return _run_eval(args, lambda model, loader, device: evaluate_zeroshot(
-        model, loader, device, class_names=names))
+        model, loader, device, class_names=names), dual_encoder=True)
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from evaluation.retrieval import evaluate_retrieval
 
-    return _run_eval(args, evaluate_retrieval)
+    return _run_eval(args, evaluate_retrieval, dual_encoder=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from foundation.export import export_checkpoint
 
     try:
-        result = export_checkpoint(args.checkpoint, args.out, args.format, args.name)
+        result = export_checkpoint(args.checkpoint, args.out, args.format, args.name, task=args.task)
     except ValueError as e:  # a model part the target format cannot represent: say which, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -114,8 +121,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other error (``--help`` shows the usage); subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="foundation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe (plain, under torchrun, or under deepspeed)")
@@ -148,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--batch-size", type=int, default=256)
         c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         c.add_argument("--out", help="also write the JSON result here")
+        c.add_argument("--task", help="which task of a multi-task run to evaluate (its head on the shared backbone)")
         c.set_defaults(func=func)
     p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders) or timm (the vision tower)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
     p.add_argument("--format", required=True, choices=["open_clip", "timm"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--name", help="open_clip model config name (default: the recipe's name)")
+    p.add_argument("--task", help="open_clip: which clip/declip task of a multi-task run (timm exports a "
+                                  "multi-task run's shared backbone)")
     p.set_defaults(func=cmd_export)
 
     from evaluation import readiness, robustness, sysnoise
@@ -162,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     robustness.add_cli(esub)
     sysnoise.add_cli(esub)
     quant_cli.add_cli(sub)
+    from foundation.adapt.cli import add_cli as add_adapt_cli
+
+    add_adapt_cli(sub)
     readiness.add_cli(sub)
     return parser
 
@@ -170,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    except _user_errors() as e:  # one line: a validation error's per-key lines are joined with '; '
+        head, *rest = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        print(f"error: {head}{': ' + '; '.join(rest) if rest else ''}", file=sys.stderr)
         return 2
 
 

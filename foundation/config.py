@@ -120,8 +120,27 @@ def refuse_file_loading(kwargs: dict[str, Any], where: str = "") -> dict[str, An
     return dict(kwargs)
 
 
+class InitConfig(Section):
+    """Start from (part of) another checkpoint's weights. Loading is safe (safetensors, or torch.load with
+    ``weights_only=True``); a load report (loaded / missing / unexpected / shape-mismatched) is printed and
+    written to the run directory as ``init_report.json``."""
+
+    # a platform run or step directory, a .safetensors file, or a timm / open_clip checkpoint (.pth/.pt/.bin)
+    path: str
+    # backbone: the source's backbone (a classifier's timm weights, a dual encoder's visual tower, a multi-task
+    # run's shared backbone; a plain file as it is) into this model's backbone. all: every tensor by its name
+    part: Literal["backbone", "all"] = "backbone"
+    remap: dict[str, str] = {}  # source-name prefix -> target-name prefix, e.g. {"visual.trunk.": ""}
+    include: list[str] = []  # glob patterns on target names; empty: every name
+    exclude: list[str] = []  # glob patterns on target names left as initialised
+    strict: bool = False  # fail unless every target tensor is loaded and every source tensor used
+    resize_pos_embed: bool = True  # interpolate position embeddings to this model's grid (timm)
+
+
 class ModelConfig(Section):
-    """The network, created by name through timm's registry (our own models register there too)."""
+    """The network, created by name through timm's registry (our own models register there too).
+
+    In a multi-task recipe (``tasks:``) this is the shared backbone, created without a classifier."""
 
     backbone: str = "resnet18"
     num_classes: int = Field(10, ge=0)
@@ -131,6 +150,10 @@ class ModelConfig(Section):
     drop_path_rate: float = 0.0
     kwargs: dict[str, Any] = {}  # further keyword arguments for timm.create_model
     dual_encoder: DualEncoderConfig = Field(default_factory=DualEncoderConfig)  # tasks clip/declip only
+    init: InitConfig | None = None  # None: random initialisation
+    # parameters kept frozen (and out of the optimizer): glob patterns on parameter names as the training log
+    # lists them; later patterns win, "!pattern" un-freezes: ["*", "!head.*"] trains the head alone
+    freeze: list[str] = []
 
     @field_validator("kwargs")
     @classmethod
@@ -166,8 +189,13 @@ class TaskConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with warm-up and a cosine decay (timm's scheduler). Norms, biases and temperatures get no decay."""
+    """An optimizer by name (timm's ``create_optimizer_v2``; AdamW by default) with warm-up and a cosine decay
+    (timm's scheduler). Norms, biases, temperatures and the model's ``no_weight_decay()`` names get no decay."""
 
+    name: str = "adamw"  # any timm optimizer name: adamw, sgd, lamb, lars, adafactor, lion, adan, ...
+    momentum: float = Field(0.9, ge=0, lt=1)  # for the optimizers that take one (sgd, lars, ...)
+    layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay: block i of N gets lr * d^(N-i)
+    lr_mult: dict[str, float] = {}  # glob pattern on parameter names -> lr factor (the last match wins)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-6, ge=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -182,7 +210,10 @@ class TrainConfig(Section):
     """The loop: how long, how big, how often to evaluate and save."""
 
     steps: int = Field(100, gt=0)  # optimizer steps
-    batch_size: int = Field(64, gt=0)  # per rank, per micro-batch
+    batch_size: int = Field(64, gt=0)  # per rank, per micro-batch (a multi-task entry may set its own)
+    # multi-task recipes: mix = every task every step, loss = sum of normalised weights x task losses;
+    # sample = one task per step, drawn by weight from (seed, step); groups = each group of ranks owns a task
+    schedule: Literal["mix", "sample", "groups"] = "mix"
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -194,6 +225,9 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, gt=0)  # None: only at the end
     keep_last: int = Field(3, ge=1)
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
+    # exact: the data streams continue where the checkpoint left them (same workers and batch sizes needed);
+    # restart: they start afresh in a new order (after changing data.workers or a batch size)
+    resume_data: Literal["exact", "restart"] = "exact"
     nan_patience: int = Field(5, ge=1)  # stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict names unchanged)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # keep an EMA of the model's weights (timm ModelEmaV3)
@@ -208,6 +242,9 @@ class ParallelConfig(Section):
     deepspeed_config: str | None = None  # JSON file; its values win over the ones derived from the recipe
     find_unused_parameters: bool = False
     broadcast_buffers: bool = True  # DDP re-broadcasts rank 0's buffers (BN statistics) every forward
+    # seconds a collective (or joining the process group) may wait for the other ranks before it fails
+    # instead of hanging: a dead rank becomes an error the elastic launcher restarts from
+    timeout_s: int = Field(1800, ge=1)
 
 
 class LoggingConfig(Section):
@@ -220,8 +257,26 @@ class LoggingConfig(Section):
     progress: bool = True  # progress bar on rank 0
 
 
+class TaskEntry(Section):
+    """One task of a multi-task recipe: its objective, its own data stream and head, on the shared backbone."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    num_classes: int | None = Field(None, gt=0)  # classification head size; None: the manifest's class count
+    batch_size: int | None = Field(None, gt=0)  # per rank, per micro-batch; None: train.batch_size
+    loss_weight: float = Field(1.0, ge=0)  # normalised over the tasks (mix, groups); the draw weight (sample)
+    share: float | None = Field(None, gt=0, le=1)  # schedule groups: the fraction of ranks that own this task
+    evals: list[str] | None = None  # keys of evaluation.EVALS on data.val; None: the task's default_evals
+
+    @model_validator(mode="after")
+    def _has_data(self) -> TaskEntry:
+        if not self.data.train:
+            raise ValueError("data.train is not set: every task reads its own shards")
+        return self
+
+
 class Recipe(Section):
-    """A whole run."""
+    """A whole run: one task (``task`` + ``data``) or several (``tasks``) on one shared backbone."""
 
     name: str = "run"
     seed: int = 0
@@ -229,10 +284,49 @@ class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    tasks: dict[str, TaskEntry] | None = None  # name -> task; replaces task and data
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _multi_task(self) -> Recipe:
+        if self.tasks is None:
+            if self.train.schedule != "mix":
+                raise ValueError(f"train.schedule: {self.train.schedule!r} needs several tasks (a tasks: section)")
+            return self
+        if not self.tasks:
+            raise ValueError("tasks: name at least one task")
+        if self.train.evals is not None:
+            raise ValueError("train.evals: a multi-task recipe names evaluations per task (tasks.<name>.evals)")
+        for key in ("task", "data"):
+            if key in self.model_fields_set:
+                raise ValueError(f"{key}: a multi-task recipe sets it per task (tasks.<name>.{key}), not at the top")
+        for name in self.tasks:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"tasks.{name}: task names are letters, digits, '_' and '-' (they name metrics)")
+        if sum(e.loss_weight for e in self.tasks.values()) <= 0:
+            raise ValueError("tasks.*.loss_weight: at least one task needs a weight > 0")
+        if self.train.schedule == "groups":
+            missing = [n for n, e in self.tasks.items() if e.share is None]
+            if missing:
+                raise ValueError(f"tasks.{missing[0]}.share: schedule groups needs a share of the ranks for every task")
+            total = sum(e.share for e in self.tasks.values())
+            if abs(total - 1) > 1e-6:
+                raise ValueError(f"tasks.*.share: the shares add up to {total:g}; they must add up to 1")
+            if self.parallel.backend == "deepspeed" or self.parallel.zero_stage or self.parallel.deepspeed_config:
+                raise ValueError("train.schedule: groups is not available under DeepSpeed (its engine reduces every "
+                                 "gradient over all ranks; task parameters must be reduced within their group): "
+                                 "use parallel.backend ddp, or schedule mix/sample with DeepSpeed")
+        return self
+
+    @property
+    def task_entries(self) -> dict[str, TaskEntry]:
+        """The tasks by name; a single-task recipe is one task named after its ``task.name``."""
+        if self.tasks is not None:
+            return self.tasks
+        return {self.task.name: TaskEntry(task=self.task, data=self.data, num_classes=self.model.num_classes)}
 
     @property
     def run_dir(self) -> Path:
@@ -376,4 +470,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (written to the run directory and to W&B)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe_dict(recipe), sort_keys=False)
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data; a multi-task recipe without the unused top-level task and data."""
+    exclude = {"task", "data"} if recipe.tasks is not None else {"tasks"}
+    return recipe.model_dump(mode="json", exclude=exclude)
+
+
+def task_recipe(recipe: Recipe, name: str) -> Recipe:
+    """One task of a recipe as a single-task recipe (its task, data and head size): what evaluations and
+    exports of that task see."""
+    entries = recipe.task_entries
+    if name not in entries:
+        raise RecipeError(f"--task {name!r}: no such task in this run{suggest(name, entries)}; its tasks: {sorted(entries)}")
+    entry = entries[name]
+    model = recipe.model.model_copy(update={"num_classes": entry.num_classes or recipe.model.num_classes})
+    return recipe.model_copy(update={"tasks": None, "task": entry.task, "data": entry.data, "model": model})

@@ -67,14 +67,14 @@ def export_open_clip(model: nn.Module, recipe: Recipe, out: Path, name: str | No
     }
 
 
-def export_timm(model: nn.Module, recipe: Recipe, out: Path) -> dict[str, Any]:
+def export_timm(model: nn.Module, recipe: Recipe, out: Path, backbone_only: bool = False) -> dict[str, Any]:
     from foundation.models.dual_encoder import DualEncoder
 
-    dual = isinstance(model, DualEncoder)
-    if dual and model.vision_cfg is not None:
+    dual = isinstance(model, DualEncoder) or backbone_only
+    if isinstance(model, DualEncoder) and model.vision_cfg is not None:
         raise ValueError("--format timm: this model's vision tower is open_clip's (model.dual_encoder.vision_open_clip), "
                          "not a timm model; export it with --format open_clip")
-    tower = model.visual if dual else model
+    tower = model.visual if isinstance(model, DualEncoder) else model
     m = recipe.model
     kwargs = dict(m.kwargs)
     for key in ("img_size", "patch_size"):
@@ -98,13 +98,21 @@ def export_timm(model: nn.Module, recipe: Recipe, out: Path) -> dict[str, Any]:
     return {"format": "timm", "weights": str(weights), "config": str(out / "config.json"), **config}
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str, name: str | None = None) -> dict[str, Any]:
-    """Export a checkpoint (or a run directory: its newest checkpoint) to ``fmt`` in ``out``."""
-    from foundation.engine.checkpoint import load_model
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str, name: str | None = None,
+                      task: str | None = None) -> dict[str, Any]:
+    """Export a checkpoint (or a run directory: its newest checkpoint) to ``fmt`` in ``out``. A multi-task
+    run exports its shared backbone alone as timm weights, or one (clip/declip) ``task`` as open_clip."""
+    from foundation.engine.checkpoint import load_model, load_task
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")
-    model, recipe = load_model(checkpoint)
+    if fmt == "timm" and task is None:
+        whole, _, recipe = load_task(checkpoint)
+        if recipe.tasks is not None:  # the shared backbone, without any task's head
+            view = recipe.model_copy(update={"model": recipe.model.model_copy(update={"num_classes": 0}),
+                                             "data": next(iter(recipe.tasks.values())).data, "tasks": None})
+            return export_timm(whole.backbone, view, Path(out), backbone_only=True)
+    model, recipe = load_model(checkpoint, task=task)
     if fmt == "open_clip":
         return export_open_clip(model, recipe, Path(out), name)
     return export_timm(model, recipe, Path(out))

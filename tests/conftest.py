@@ -88,3 +88,23 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         if "train/loss" in rec:
             out[rec["step"]] = rec
     return out
+
+
+FMNIST_SRC = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory) -> Path:
+    """Fashion-MNIST (Debian package dataset-fashion-mnist) as shards with captions, built once per session."""
+    import argparse
+
+    from foundation.data.cli import add_cli
+
+    if not (FMNIST_SRC / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{FMNIST_SRC} is missing: `apt-get install dataset-fashion-mnist` (make test does it as root)")
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    parser = argparse.ArgumentParser(prog="foundation")
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["data", "fashion-mnist", "--out", str(out), "--workers", "2", "--captions"])
+    assert args.func(args) == 0
+    return out

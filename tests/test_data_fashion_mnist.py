@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 from PIL import Image
 
 from foundation.config import DataConfig
-from foundation.data.cli import add_cli
 from foundation.data.shards import build_train_loader, class_names, iter_raw_samples, read_manifest
 from foundation.data.sources.idx import FASHION_MNIST_CLASSES, read_idx
 
@@ -27,13 +25,8 @@ def _debian_package():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fashion-mnist")
-    parser = argparse.ArgumentParser(prog="foundation")
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["data", "fashion-mnist", "--out", str(out), "--workers", "2", "--captions"])
-    assert args.func(args) == 0
-    return out
+def shards(fmnist_shards) -> Path:
+    return fmnist_shards  # conftest: built once per session, shared with the multi-task recipe test
 
 
 def test_counts_per_split_and_class(shards):

@@ -2,7 +2,8 @@
 
 Layout of ``runs/<name>/checkpoints/step_<N>/``::
 
-    model.safetensors   the model's weights as the model names them (timm can load this file)
+    model.safetensors   the model's weights as the model names them (timm can load this file); a multi-task
+                        run's shared backbone (backbone.*) and every task's head (tasks.<name>.*)
     task.safetensors    other tensors the task owns (loss heads, queues), when there are any
     ema.safetensors     the EMA of the model's weights (train.ema_decay)
     state.pt            optimizer, scheduler, scaler, per-rank RNG and data positions, step, counters;
@@ -91,6 +92,11 @@ def load_state(path: str | Path) -> dict[str, Any]:
     file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise CheckpointError(f"{file}: no state file; is {Path(path)} a checkpoint directory (step_<N>)?")
+    return safe_torch_load(file)
+
+
+def safe_torch_load(file: Path) -> Any:
+    """``torch.load`` of plain tensors and containers only (``weights_only=True``); refuses pickled code."""
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -152,44 +158,68 @@ def load_weights(module: nn.Module, tensors: dict[str, Tensor], strict: bool = T
 
 def load_task_weights(task: nn.Module, path: Path, strict: bool = True) -> LoadReport:
     """Load ``model.safetensors`` (+ ``task.safetensors``) of a checkpoint into a task."""
-    tensors = {f"model.{k}": v for k, v in read_tensors(path / "model.safetensors").items()}
+    prefix = getattr(task, "model_prefix", "model.")
+    tensors = {f"{prefix}{k}": v for k, v in read_tensors(path / "model.safetensors").items()}
     if (path / "task.safetensors").is_file():
         tensors.update(read_tensors(path / "task.safetensors"))
     return load_weights(task, tensors, strict=strict)
 
 
-def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False):
-    """The trained model of a checkpoint (or a run directory: its newest checkpoint) in eval mode,
-    and the recipe it was trained with; ``ema`` takes the EMA weights. Evaluation and quantization
-    start here."""
-    from foundation.config import load_recipe, lookup
-    from foundation.tasks import TASKS
-
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint directory (``step_N``), or a run directory's newest checkpoint."""
     path = Path(checkpoint)
     if not (path / "model.safetensors").is_file():
         latest = find_latest(path / "checkpoints") or find_latest(path)
         if latest is None:
             raise CheckpointError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
         path = latest
+    return path
+
+
+def load_task(checkpoint: str | Path, ema: bool = False):
+    """The whole task module of a checkpoint (every head of a multi-task run) with its weights, the
+    checkpoint directory and the recipe."""
+    from foundation.config import load_recipe
+    from foundation.tasks import build_task, network
+
+    path = resolve_checkpoint(checkpoint)
     recipe = load_recipe(path / "recipe.yaml")
-    task = lookup(TASKS, recipe.task.name, f"{path / 'recipe.yaml'}: task.name").build(recipe.model, recipe.task, recipe.data)
+    task = build_task(recipe)
     load_task_weights(task, path)
     if ema:
         if not (path / "ema.safetensors").is_file():
             raise CheckpointError(f"{path}: no ema.safetensors (the run had no train.ema_decay)")
-        load_weights(task.model, read_tensors(path / "ema.safetensors"))
-    model = task.model.to(device).eval()
-    return model, recipe
+        load_weights(network(task), read_tensors(path / "ema.safetensors"))
+    return task, path, recipe
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False, task: str | None = None):
+    """The trained model of a checkpoint (or a run directory: its newest checkpoint) in eval mode,
+    and the recipe it was trained with; ``ema`` takes the EMA weights. A multi-task run serves one task
+    at a time: ``task`` names it, and the recipe returned is that task's (``task_recipe``). Evaluation
+    and quantization start here."""
+    from foundation.config import task_recipe
+
+    whole, path, recipe = load_task(checkpoint, ema)
+    if recipe.tasks is None:
+        if task is not None and task != recipe.task.name:
+            raise CheckpointError(f"--task {task!r}: {path} is a single-task run (task {recipe.task.name!r})")
+        return whole.model.to(device).eval(), recipe
+    if task is None:
+        raise CheckpointError(f"{path} is a multi-task run; choose one of its tasks with --task "
+                              f"({', '.join(recipe.tasks)})")
+    view = task_recipe(recipe, task)
+    return whole.tasks[task].model.to(device).eval(), view
 
 
 # --------------------------------------------------------------------------------------------------
 # writing
 
 
-def _split_weights(task_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _split_weights(task_state: dict[str, Tensor], prefix: str = "model.") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     # clone: safetensors refuses tensors that share memory (tied weights), and we must not hold views
-    model = {k[len("model."):]: v.detach().cpu().contiguous().clone() for k, v in task_state.items() if k.startswith("model.")}
-    rest = {k: v.detach().cpu().contiguous().clone() for k, v in task_state.items() if not k.startswith("model.")}
+    model = {k[len(prefix):]: v.detach().cpu().contiguous().clone() for k, v in task_state.items() if k.startswith(prefix)}
+    rest = {k: v.detach().cpu().contiguous().clone() for k, v in task_state.items() if not k.startswith(prefix)}
     return model, rest
 
 
@@ -203,6 +233,7 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     root: Path, step: int, task_state: dict[str, Tensor] | None, state: dict[str, Any], recipe_yaml: str,
     is_main: bool, keep_last: int, deepspeed_engine=None, extra_files: dict[str, dict[str, Tensor]] | None = None,
+    model_prefix: str = "model.",
 ) -> Path:
     """Write ``root/step_<step>`` atomically; collective when several ranks run (call on all ranks).
 
@@ -216,7 +247,7 @@ def save_checkpoint(
     if deepspeed_engine is not None:
         deepspeed_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     if is_main:
-        model, rest = _split_weights(task_state)
+        model, rest = _split_weights(task_state, model_prefix)
         save_file(model, str(tmp / "model.safetensors"))
         if rest:
             save_file(rest, str(tmp / "task.safetensors"))

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
     """Read torchrun's / the deepspeed launcher's environment and open the process group.
 
     gloo on CPU, nccl on GPU. A single process opens no group unless DDP or DeepSpeed is asked for
-    (``parallel.backend``): then it gets a one-process group, launcher variables or not.
+    (``parallel.backend``): then it gets a one-process group, launcher variables or not. Joining the
+    group and every collective fail after ``parallel.timeout_s`` instead of waiting for ever on a dead rank.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -74,14 +76,23 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
+    timeout = timedelta(seconds=cfg.timeout_s)
+    elastic = {}
+    if backend != "single" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's c10d rendezvous store outlives a restart: keyed by attempt, a restarted rank never
+        # reads a dead rank's gloo/nccl address (it would fail to connect, or wait for it for ever)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        elastic = dict(store=dist.PrefixStore(f"foundation/attempt_{attempt}/", store), rank=rank, world_size=world_size)
+    if (backend == "ddp" or elastic) and not dist.is_initialized():
+        dist.init_process_group(pg_backend, device_id=dev if use_cuda else None, timeout=timeout, **elastic)
     if backend == "deepspeed":
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=pg_backend)
-    elif backend == "ddp" and not dist.is_initialized():
-        dist.init_process_group(pg_backend, device_id=dev if use_cuda else None)
+        deepspeed.init_distributed(dist_backend=pg_backend, timeout=timeout)  # takes up a group opened above
     return DistInfo(rank, world_size, local_rank, dev, backend)
 
 
@@ -155,9 +166,10 @@ class Engine:
 
     def __init__(
         self, task: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
-        parallel: ParallelConfig, train: TrainConfig,
+        parallel: ParallelConfig, train: TrainConfig, groups: TaskGroups | None = None,
     ):
         self.info = info
+        self.groups = groups  # train.schedule groups: gradients reduced by TaskGroups, not DDP
         self.module = task  # unwrapped: what checkpoints and evaluations see
         self.optimizer = optimizer
         self.precision = train.precision
@@ -172,7 +184,7 @@ class Engine:
             self.wrapped, self.ds_optimizer, _, _ = deepspeed.initialize(
                 model=task, optimizer=optimizer, config=self.ds_config
             )
-        elif info.backend == "ddp":
+        elif info.backend == "ddp" and groups is None:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 task, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                 find_unused_parameters=parallel.find_unused_parameters, broadcast_buffers=parallel.broadcast_buffers,
@@ -249,7 +261,10 @@ class Engine:
             return None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = float(nn.utils.clip_grad_norm_(params, clip if clip else math.inf))
+        if self.groups is not None:
+            norm = self.groups.sync_grads(self.module, clip)
+        else:
+            norm = float(nn.utils.clip_grad_norm_(params, clip if clip else math.inf))
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips by itself on inf/NaN gradients
             self.scaler.update()
@@ -276,3 +291,109 @@ class Engine:
 
     def _comm_device(self) -> torch.device:
         return self.info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# train.schedule: groups (UniHCP): each group of ranks owns one task
+
+
+class TaskGroups:
+    """Contiguous blocks of ranks, one per task, sized by the tasks' shares of the world.
+
+    Gradients of shared parameters (everything outside ``tasks.<name>.``) are averaged over all ranks,
+    those of a task's parameters within its group only; with each task's loss scaled by
+    ``weight * world / group size`` (``MultiTask``'s scales) the result is ``mix``'s gradient. Ranks keep
+    only their own task's head current; ``broadcast_task_params`` brings every head from its group to
+    every rank before evaluation and saving, and ``optimizer_state`` collects every head's optimizer
+    state, so one checkpoint holds every task.
+    """
+
+    def __init__(self, shares: dict[str, float], world_size: int, rank: int):
+        from foundation.config import RecipeError
+
+        sizes = {name: share * world_size for name, share in shares.items()}
+        if any(abs(n - round(n)) > 1e-6 or round(n) < 1 for n in sizes.values()):
+            raise RecipeError(f"tasks.*.share: {shares} cannot split {world_size} rank(s) into whole groups of at "
+                              "least one rank each; choose shares that are multiples of 1/world_size")
+        self.ranks: dict[str, list[int]] = {}
+        start = 0
+        for name, n in sizes.items():
+            self.ranks[name] = list(range(start, start + round(n)))
+            start += round(n)
+        self.task = next(name for name, ranks in self.ranks.items() if rank in ranks)
+        self.group_rank = self.ranks[self.task].index(rank)
+        self.world_size = world_size
+        # every rank takes part in creating every group, in the same order
+        groups = {name: dist.new_group(ranks) for name, ranks in self.ranks.items()} if dist.is_initialized() else {}
+        self._group = groups.get(self.task)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: len(ranks) for name, ranks in self.ranks.items()}
+
+    @property
+    def group_size(self) -> int:
+        return len(self.ranks[self.task])
+
+    def _split(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        shared, own = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not name.startswith("tasks."):
+                shared.append(p)
+            elif name.startswith(f"tasks.{self.task}."):
+                own.append(p)
+        return shared, own
+
+    def sync_grads(self, module: nn.Module, clip: float | None) -> float:
+        """Average gradients (shared: all ranks; own task: its group), clip by the norm over every
+        parameter of every task, as one process running ``mix`` would; returns that norm."""
+        shared, own = self._split(module)
+        for p in shared:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        own = [p for p in own if p.grad is not None]  # unused by this task's forward on every rank of the group
+        for params, group in ((shared, None), (own, self._group)):
+            if not params or not dist.is_initialized():
+                continue
+            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+            dist.all_reduce(flat, group=group)
+            flat /= self.world_size
+            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+                p.grad.copy_(g)
+        sq_shared = sum(float(p.grad.double().pow(2).sum()) for p in shared)
+        sq_own = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in own) / self.group_size],
+                              dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(sq_own)
+        norm = math.sqrt(sq_shared + float(sq_own.item()))
+        if clip and math.isfinite(norm):
+            coef = min(clip / (norm + 1e-6), 1.0)
+            for p in shared + own:
+                p.grad.mul_(coef)
+        return norm
+
+    def broadcast_task_params(self, module: nn.Module) -> None:
+        """Every task's parameters and buffers from its group's first rank to all ranks."""
+        if not dist.is_initialized():
+            return
+        for name, ranks in self.ranks.items():
+            tensors = [t for n, t in list(module.named_parameters()) + list(module.named_buffers())
+                       if n.startswith(f"tasks.{name}.") and t.is_floating_point()]
+            if not tensors:
+                continue
+            flat = torch._utils._flatten_dense_tensors([t.data for t in tensors])
+            dist.broadcast(flat, src=ranks[0])
+            for t, v in zip(tensors, torch._utils._unflatten_dense_tensors(flat, [t.data for t in tensors])):
+                t.data.copy_(v)
+
+    def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer state with every task's entries taken from that task's group (collective)."""
+        state = optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        own = {index[id(p)] for n, p in module.named_parameters() if n.startswith(f"tasks.{self.task}.") and id(p) in index}
+        mine = {i: v for i, v in state["state"].items() if i in own} if self.group_rank == 0 else {}
+        for theirs in gather_objects(mine):
+            state["state"].update(theirs)
+        return state

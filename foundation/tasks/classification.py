@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from foundation.config import DataConfig, ModelConfig, TaskConfig
 from foundation.models.factory import create_backbone
+from foundation.models.heads import LinearClassifier, SharedBackbone, feature_width
 
 
 class ClassificationTask(nn.Module):
@@ -31,9 +32,17 @@ class ClassificationTask(nn.Module):
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    backbone_name = "model"  # the submodule model.init (part: backbone) and layer decay treat as the backbone
+
     @classmethod
-    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig) -> ClassificationTask:
-        return cls(create_backbone(model, in_chans=data.in_chans), task, model.num_classes)
+    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig,
+              backbone: nn.Module | None = None) -> ClassificationTask:
+        """The timm classifier ``model.backbone``; with ``backbone`` (a multi-task run's shared one) a linear
+        head of ``model.num_classes`` on its pooled features."""
+        if backbone is None:
+            return cls(create_backbone(model, in_chans=data.in_chans), task, model.num_classes)
+        head = LinearClassifier(SharedBackbone(backbone), feature_width(backbone), model.num_classes)
+        return cls(head, task, model.num_classes)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         images, labels = batch["image"], batch["label"]  # (B, C, H, W), (B,)

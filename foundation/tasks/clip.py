@@ -27,6 +27,7 @@ from foundation.losses.mlm import mask_tokens, mlm_loss
 from foundation.losses.nns import NearestNeighbourQueue
 from foundation.losses.simsiam import SimSiamHead, simsiam_loss
 from foundation.models.dual_encoder import DualEncoder, build_dual_encoder
+from foundation.models.heads import SharedBackbone
 
 CLIP_ONLY = DeclipConfig(clip_weight=1.0, iss_weight=0.0, tss_weight=0.0, nns_weight=0.0, mvs=False)
 
@@ -48,16 +49,23 @@ class DeclipTask(nn.Module):
         self.mlm_head = nn.Linear(model.text_cfg["width"], model.vocab_size) if cfg.tss_weight else None
         self.nns_queue = NearestNeighbourQueue(cfg.queue_size, model.embed_dim) if cfg.nns_weight else None
 
-    @classmethod
-    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig) -> DeclipTask:
-        return cls._build(model, task.declip, data, task.name)
+    backbone_name = "model.visual"  # the submodule model.init (part: backbone) and layer decay treat as the backbone
 
     @classmethod
-    def _build(cls, model: ModelConfig, cfg: DeclipConfig, data: DataConfig, name: str) -> DeclipTask:
+    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig,
+              backbone: nn.Module | None = None) -> DeclipTask:
+        return cls._build(model, task.declip, data, task.name, backbone)
+
+    @classmethod
+    def _build(cls, model: ModelConfig, cfg: DeclipConfig, data: DataConfig, name: str,
+               backbone: nn.Module | None = None) -> DeclipTask:
+        """``backbone``: a multi-task run's shared backbone as the vision tower (else ``model.backbone``)."""
         if (cfg.iss_weight or cfg.mvs) and not data.two_view:
             raise ValueError(f"task {name}: ISS and MVS take two augmented views of each image; set "
                              "data.two_view: true (or task.declip.iss_weight: 0 and task.declip.mvs: false)")
-        encoder = build_dual_encoder(model, in_chans=data.in_chans, extra_tokens=1 if cfg.tss_weight else 0)
+        visual = SharedBackbone(backbone) if backbone is not None else None
+        encoder = build_dual_encoder(model, in_chans=data.in_chans, extra_tokens=1 if cfg.tss_weight else 0,
+                                     visual=visual)
         return cls(encoder, cfg)
 
     @property
@@ -138,8 +146,9 @@ class ClipTask(DeclipTask):
     """CLIP: DeCLIP with its extra supervisions switched off (the InfoNCE term alone, weight 1)."""
 
     @classmethod
-    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig) -> ClipTask:
-        return cls._build(model, CLIP_ONLY, data, task.name)
+    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig,
+              backbone: nn.Module | None = None) -> ClipTask:
+        return cls._build(model, CLIP_ONLY, data, task.name, backbone)
 
 
 __all__ = ["CLIP_ONLY", "ClipTask", "DeclipTask"]
