@@ -10,18 +10,27 @@ index as text), ``<key>.txt`` (captions, one per line), optionally ``<key>.json`
 Reading (``DataConfig.train`` / ``DataConfig.val``): a brace pattern, a directory, a ``manifest.json``,
 or several of these joined with ``::`` (one source each, mixed by ``DataConfig.weights``).
 
-Training stream, per (rank, worker): for each source, shards drawn with replacement by a seeded
-``ResampledShards`` → tar samples → seeded shuffle buffer; sources mixed by weight with a seeded
-generator. Raw (undecoded) samples are numbered; sample ``i`` is decoded and augmented with random
-generators reseeded from ``(seed, rank, worker, i)``, so a batch is a pure function of the stream
-position. Each batch carries its worker's raw count, which the main process records: ``position()``
-is exact, and a loader given that position skips the consumed raw samples (read, not decoded) and
-continues bitwise identically. Bad samples are skipped, counted and reported, never fatal.
+Training stream, per (rank, worker): for each source, shards drawn with replacement (draw ``d`` is
+shard ``h(seed, d) mod n``) → tar samples → a shuffle buffer whose ``p``-th pick takes slot
+``h(seed, p) mod size``; sources mixed by weight, raw sample ``i`` from source ``h(seed, i)``. Raw
+(undecoded) samples are numbered; sample ``i`` is decoded and augmented with random generators reseeded
+from ``(seed, rank, worker, i)``, so a batch is a pure function of the stream position.
+
+That position is small and explicit: per worker the raw count, and per source the shard draw, the
+sample offset inside that shard, the pick count and the buffer's contents as references (draw, offset).
+Each batch carries its worker's position, which the main process records: ``position()`` is exact,
+and a loader given it reopens the current shard at its offset (passing earlier members by their tar
+headers) and re-reads the buffered samples from the few shards they came from: resuming costs the
+same at step 100 and at step 100,000, and continues bitwise identically. Bad samples are skipped,
+counted and reported, never fatal.
 """
 
 from __future__ import annotations
 
+import bisect
+import gzip
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -48,9 +57,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "foundation-shards/1"
-POSITION_VERSION = 1
+POSITION_VERSION = 2
 MAX_BAD_RUN = 1000  # this many unusable samples in a row means a wrong setting, not bad input: stop
 _OUR_SHARD = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split of a member name into key and extension
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 Tokenizer = Callable[[list[str]], Tensor]
 
@@ -232,8 +243,10 @@ def write_split(out_dir: str | Path, split: str, samples: Iterable[dict], *, max
 
 
 def write_manifest(out_dir: str | Path, manifest: dict | None, splits: dict[str, dict], *,
-                   class_names: list[str] | None, source: dict, command: str) -> dict:
-    """Merge the new ``splits`` entries into ``manifest`` (or a new one) and write ``manifest.json``."""
+                   class_names: list[str] | None, source: dict, command: str, extra: dict | None = None) -> dict:
+    """Merge the new ``splits`` entries into ``manifest`` (or a new one) and write ``manifest.json``.
+
+    ``extra``: further top-level fields (e.g. ``human_task`` with keypoint or attribute names)."""
     if manifest and manifest.get("splits") and manifest.get("class_names") != class_names:
         kept = sorted(manifest["splits"])
         raise DataError(
@@ -244,6 +257,7 @@ def write_manifest(out_dir: str | Path, manifest: dict | None, splits: dict[str,
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for name, entry in splits.items():
         manifest["splits"][name] = {**entry, "source": source, "command": command, "created": now}
+    manifest.update(extra or {})
     manifest.update(format=MANIFEST_FORMAT, class_names=class_names, source=source, command=command, created=now)
     manifest["splits"] = dict(sorted(manifest["splits"].items()))
     path = Path(out_dir) / MANIFEST
@@ -287,19 +301,17 @@ class _Reporter:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.quiet = False  # while fast-forwarding on resume: those were reported before
         self.report_shards = True
         self.url = ""
         self._bad_urls: set[str] = set()
 
     def sample(self, sample: dict, reason: str) -> None:
-        if not self.quiet:
-            self.lines.append(f"{sample.get('__url__', self.url)}, {sample.get('__key__', '-')}, {reason}")
+        self.lines.append(f"{sample.get('__url__', self.url)}, {sample.get('__key__', '-')}, {reason}")
 
     def shard(self, url: str, reason: str) -> None:
         if url not in self._bad_urls:  # once per shard: resampling revisits it
             self._bad_urls.add(url)
-            if self.report_shards and not self.quiet:
+            if self.report_shards:
                 self.lines.append(f"{url}, -, {reason}")
 
     def handler(self, exn: Exception) -> bool:
@@ -311,12 +323,9 @@ class _Reporter:
         return lines
 
 
-def _shard_samples(urls: Iterable[str], reporter: _Reporter, limit: int | None = None) -> Iterator[dict]:
-    """Samples of the shards ``urls``: unreadable and empty shards are reported and passed over.
-
-    With ``limit``, more than that many shards in a row without a sample is an error (every shard bad).
-    """
-    state = {"since": 0, "url_samples": 0, "url": None}
+def _shard_samples(urls: Iterable[str], reporter: _Reporter) -> Iterator[dict]:
+    """Samples of the shards ``urls``: unreadable and empty shards are reported and passed over."""
+    state = {"url_samples": 0, "url": None}
 
     def check_empty() -> None:
         if state["url"] is not None and state["url_samples"] == 0 and state["url"] not in reporter._bad_urls:
@@ -325,17 +334,245 @@ def _shard_samples(urls: Iterable[str], reporter: _Reporter, limit: int | None =
     def opened() -> Iterator[dict]:
         for url in urls:
             check_empty()
-            if limit is not None and state["since"] >= limit:
-                raise DataError(f"no sample could be read from {state['since']} shards in a row (last: {url}); "
-                                "check the shards with `foundation data inspect`")
-            state.update(since=state["since"] + 1, url_samples=0, url=url)
+            state.update(url_samples=0, url=url)
             reporter.url = url
             yield {"url": url}
 
     for sample in wds.tarfile_to_samples(handler=reporter.handler)(opened()):
-        state.update(since=0, url_samples=state["url_samples"] + 1)
+        state["url_samples"] += 1
         yield sample
     check_empty()
+
+
+class _TarMembers:
+    """The regular members of a tar stream, read sequentially: ustar, GNU long names and pax paths.
+
+    ``tarfile`` parses every header into a ``TarInfo`` (~25 us a member), more than decoding a small
+    image costs; this reads the three fields the reader needs. Iterating gives ``(name, size)``; call
+    ``read()`` for the member's bytes, otherwise they are passed over (a seek when the file allows it).
+    Damaged archives raise ``tarfile.ReadError``.
+    """
+
+    def __init__(self, f, seekable: bool):
+        self.f, self.seekable = f, seekable
+        self._pending = 0  # bytes of the current member (and its padding) not consumed yet
+        self._size = 0
+
+    def read(self) -> bytes:
+        data = self._exact(self._size)
+        self._pending -= self._size
+        self._size = 0
+        return data
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            self._skip(self._pending)
+            self._pending = self._size = 0
+            hdr = self.f.read(512)
+            if len(hdr) < 512 or not hdr.strip(b"\0"):
+                if hdr.strip(b"\0"):
+                    raise tarfile.ReadError("unexpected end of data in a tar header")
+                return
+            try:
+                checksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                checksum = -1
+            if checksum != sum(hdr) - sum(hdr[148:156]) + 256:
+                raise tarfile.ReadError("invalid tar header (bad checksum): not a tar file, or damaged")
+            size, kind = _tar_number(hdr[124:136]), hdr[156:157]
+            if "size" in pax:
+                size = int(pax["size"])
+            padded = (size + 511) & ~511
+            if kind in (b"x", b"L", b"g", b"K"):  # pax / GNU headers describing the next member
+                data = self._exact(size)
+                self._skip(padded - size)
+                if kind == b"x":
+                    pax = _pax_records(data)
+                elif kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            name = pax.get("path") or long_name or _ustar_name(hdr)
+            long_name, pax = None, {}
+            self._pending = padded
+            if kind in (b"0", b"\0", b"7"):
+                self._size = size
+                yield name, size
+
+    def _exact(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) < n:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
+
+    def _skip(self, n: int) -> None:
+        if n and self.seekable:
+            self.f.seek(n, 1)
+        while n > 0 and not self.seekable:
+            chunk = self.f.read(min(n, 1 << 20))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            n -= len(chunk)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # base-256 (GNU, for sizes of 8 GiB and more)
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _ustar_name(hdr: bytes) -> str:
+    name = hdr[:100].split(b"\0", 1)[0]
+    if hdr[257:263] == b"ustar\0":  # POSIX ustar: a prefix field may hold the leading directories
+        prefix = hdr[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data):
+        length_end = data.index(b" ", pos)
+        length = int(data[pos:length_end])
+        key, _, value = data[length_end + 1: pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _open_shard(url: str):
+    """(file, seekable) of a local or remote shard; gzip-compressed local shards are detected by their
+    first bytes, remote ones by a ``.gz`` / ``.tgz`` name."""
+    if _is_remote(url):
+        f = wds.gopen(url)
+        return (gzip.GzipFile(fileobj=f), False) if url.endswith((".gz", ".tgz")) else (f, False)
+    f = open(url, "rb")
+    if f.read(2) == b"\x1f\x8b":
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f), False
+    f.seek(0)
+    return f, True
+
+
+def _tar_samples(url: str, start: int = 0, wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """``(ordinal, sample)`` for the samples of one shard from ordinal ``start`` on (or only those in
+    ``wanted``), grouped by key as webdataset groups them. Members of earlier samples are passed over by
+    their headers: a seek in a local file, a read without decoding in a remote stream. Unreadable data
+    raises; the sample it interrupted is dropped."""
+    last = max(wanted) if wanted else None
+    f, seekable = _open_shard(url)
+    with f:
+        members = _TarMembers(f, seekable)
+        ordinal, key, sample = -1, None, None
+        for name, _ in members:
+            match = _MEMBER.match(name)
+            if match is None or _META_MEMBER.match(name):
+                continue
+            prefix, ext = match.groups()
+            if prefix != key:
+                if sample is not None:
+                    yield ordinal, sample
+                key, ordinal = prefix, ordinal + 1
+                if last is not None and ordinal > last:
+                    return
+                keep = ordinal >= start if wanted is None else ordinal in wanted
+                sample = {"__key__": prefix, "__url__": url} if keep else None
+            if sample is not None:
+                sample[ext.lower()] = members.read()
+        if sample is not None:
+            yield ordinal, sample
+
+
+def _fresh_source_state() -> dict:
+    return {"draw": 0, "offset": 0, "picks": 0, "buffer": [], "buffer_offsets": []}
+
+
+class _Source:
+    """One source's raw samples in one (rank, worker): shards drawn with replacement, a shuffle buffer.
+
+    The state is ``draw`` (how many shards were drawn before the current one), ``offset`` (samples of it
+    read), ``picks`` (samples taken from the buffer) and the buffer as (draw, offset) references: shard
+    draw ``d`` is ``urls[h(seed, d) mod n]`` and pick ``p`` takes slot ``h(seed, p) mod len(buffer)``,
+    so a saved state reopens without reading anything that came before it.
+    """
+
+    def __init__(self, urls: list[str], seed: int, bufsize: int, reporter: _Reporter, state: dict | None = None):
+        self.urls, self.seed, self.bufsize, self.reporter = urls, seed, max(1, bufsize), reporter
+        self.limit = 100 + 10 * len(urls)  # this many shards in a row without a sample: every shard is bad
+        state = state or _fresh_source_state()
+        self.draw, self.offset, self.picks = int(state["draw"]), int(state["offset"]), int(state["picks"])
+        self.buffer: list[tuple[int, int, dict]] = []
+        self._open: Iterator[tuple[int, dict]] | None = None
+        self._url = ""
+        self._read_here = 0
+        self._since = 0
+        if state["buffer"]:
+            self._refill(list(state["buffer"]), list(state["buffer_offsets"]))
+
+    def shard_url(self, draw: int) -> str:
+        return self.urls[_seed(self.seed, 0, draw) % len(self.urls)]
+
+    def state(self) -> dict:
+        return {"draw": self.draw, "offset": self.offset, "picks": self.picks,
+                "buffer": [d for d, _, _ in self.buffer], "buffer_offsets": [o for _, o, _ in self.buffer]}
+
+    def next(self) -> dict:
+        if self.bufsize == 1:
+            return self._read()[2]
+        while len(self.buffer) < self.bufsize:
+            self.buffer.append(self._read())
+        k = _seed(self.seed, 1, self.picks) % len(self.buffer)
+        self.picks += 1
+        item = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return item[2]
+
+    def _read(self) -> tuple[int, int, dict]:
+        while True:
+            if self._open is None:
+                if self._since >= self.limit:
+                    raise DataError(f"no sample could be read from {self._since} shards in a row (last: {self._url}); "
+                                    "check the shards with `foundation data inspect`")
+                self._url = self.reporter.url = self.shard_url(self.draw)
+                self._open, self._read_here = _tar_samples(self._url, self.offset), 0
+            failed = False
+            try:
+                item = next(self._open, None)
+            except Exception as e:  # tarfile, gzip and transport errors have many types
+                failed, item = True, None
+                self.reporter.shard(self._url, f"unreadable shard: {type(e).__name__}: {e.args[0] if e.args else e}")
+            if item is None:
+                if self._read_here == 0:
+                    self._since += 1
+                    if not failed and self.offset == 0:
+                        self.reporter.shard(self._url, "empty shard")
+                self.draw, self.offset, self._open = self.draw + 1, 0, None
+                continue
+            self._since = 0
+            self._read_here += 1
+            ordinal, sample = item
+            self.offset = ordinal + 1
+            return self.draw, ordinal, sample
+
+    def _refill(self, draws: list[int], offsets: list[int]) -> None:
+        """Read the buffered samples of a saved state again, from the shards they came from."""
+        wanted: dict[str, set[int]] = {}
+        for d, o in zip(draws, offsets, strict=True):
+            wanted.setdefault(self.shard_url(d), set()).add(o)
+        found: dict[tuple[str, int], dict] = {}
+        for url, ordinals in wanted.items():
+            try:
+                found.update(((url, o), s) for o, s in _tar_samples(url, wanted=ordinals))
+            except Exception as e:
+                raise DataError(f"{url}: cannot re-read the samples of the saved data position ({type(e).__name__}: "
+                                f"{e}); restore the shards, or start the data stream afresh") from None
+            if any((url, o) not in found for o in ordinals):
+                raise DataError(f"{url} has fewer samples than when the data position was saved; the shards changed: "
+                                "restore them, or start the data stream afresh")
+        self.buffer = [(d, o, found[(self.shard_url(d), o)]) for d, o in zip(draws, offsets, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,47 +752,34 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, sources: list[list[str]], weights: list[float], cfg: DataConfig, targets: frozenset[str], *,
                  batch_size: int, seed: int, rank: int, workers: int, start: list[int], skipped: list[int],
-                 offset: int, tokenizer: Tokenizer | None):
+                 states: list[list[dict]], offset: int, tokenizer: Tokenizer | None):
         super().__init__()
         self.sources, self.weights, self.cfg, self.targets = sources, weights, cfg, targets
         self.batch_size, self.seed, self.rank, self.workers = batch_size, seed, rank, workers
         self.start, self.skipped, self.offset, self.tokenizer = start, skipped, offset, tokenizer
+        self.states = states
+        self._cumulative = list(itertools.accumulate(weights))
 
-    def _raw(self, worker: int, reporter: _Reporter) -> Iterator[dict]:
-        streams = []
-        for i, urls in enumerate(self.sources):
-            seed = _seed(self.seed, self.rank, worker, i, 1)
-            shards = wds.ResampledShards(urls, seed=seed, worker_seed=_zero, deterministic=True)
-            samples = _shard_samples((s["url"] for s in shards), reporter, limit=100 + 10 * len(urls))
-            if self.cfg.shuffle_buffer > 1:
-                buf = self.cfg.shuffle_buffer
-                samples = wds.shuffle(buf, initial=buf, rng=random.Random(_seed(seed, 2)))(samples)
-            streams.append(samples)
-        if len(streams) == 1:
-            yield from streams[0]
-            return
-        rng = random.Random(_seed(self.seed, self.rank, worker, 3))
-        choices = range(len(streams))
-        while True:
-            yield next(streams[rng.choices(choices, weights=self.weights)[0]])
+    def _pick(self, worker: int, index: int) -> int:
+        """The source of raw sample ``index``: drawn by weight from ``h(seed, rank, worker, index)``."""
+        x = _seed(self.seed, self.rank, worker, 3, index) / 2.0**63 * self._cumulative[-1]
+        return min(bisect.bisect_right(self._cumulative, x), len(self._cumulative) - 1)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.offset) % self.workers
         decoder = _Decoder(self.cfg, self.targets, train=True)
         reporter = _Reporter()
-        raw = self._raw(worker, reporter)
+        states = self.states[worker]
+        sources = [_Source(urls, _seed(self.seed, self.rank, worker, i, 1), self.cfg.shuffle_buffer, reporter, state)
+                   for i, (urls, state) in enumerate(zip(self.sources, states, strict=True))]
         index, skipped = self.start[worker], self.skipped[worker]
-        reporter.quiet = True
-        for _ in range(index):  # resume: the consumed samples are read again, not decoded
-            next(raw)
-        reporter.quiet = False
         items: list[dict] = []
         bad_run = 0
         while True:
             with _SavedRNG() if info is None else nullcontext():
                 while len(items) < self.batch_size:
-                    sample = next(raw)
+                    sample = sources[self._pick(worker, index) if len(sources) > 1 else 0].next()
                     _reseed(_seed(self.seed, self.rank, worker, index))
                     index += 1
                     try:
@@ -571,7 +795,7 @@ class _TrainStream(IterableDataset):
                                 "data.targets and data.*_key against `foundation data inspect`"
                             ) from None
                 batch = _collate(items, self.tokenizer, eval_fields=False)
-            batch["_meta"] = [worker, index, skipped, reporter.pop()]
+            batch["_meta"] = [worker, index, skipped, reporter.pop(), [src.state() for src in sources]]
             items = []
             yield batch
 
@@ -590,6 +814,7 @@ class TrainLoader:
         self._logical = stream.workers
         self._raw = list(stream.start)
         self._skipped = list(stream.skipped)
+        self._states = [list(s) for s in stream.states]
         self._next = position["next_worker"]
         self._batches = position["batches"]
         self._samples = position["samples"]
@@ -609,8 +834,8 @@ class TrainLoader:
         if self._it is None:
             self._it = iter(self._loader)
         batch = next(self._it)
-        worker, raw, skipped, reports = batch.pop("_meta")
-        self._raw[worker], self._skipped[worker] = raw, skipped
+        worker, raw, skipped, reports, states = batch.pop("_meta")
+        self._raw[worker], self._skipped[worker], self._states[worker] = raw, skipped, states
         self._next = (worker + 1) % self._logical
         self._batches += 1
         self._samples += batch["image"].shape[0]
@@ -620,7 +845,8 @@ class TrainLoader:
     def position(self) -> dict:
         """How far batches were consumed (ints, lists and strings only: safe for ``weights_only`` loads)."""
         return {"version": POSITION_VERSION, **self._fixed, "raw": list(self._raw), "skipped": list(self._skipped),
-                "next_worker": self._next, "batches": self._batches, "samples": self._samples}
+                "streams": [[dict(src) for src in w] for w in self._states], "next_worker": self._next,
+                "batches": self._batches, "samples": self._samples}
 
     @property
     def skipped(self) -> int:
@@ -664,20 +890,27 @@ def build_train_loader(cfg: DataConfig, *, batch_size: int, seed: int, rank: int
     fixed = {"seed": seed, "rank": rank, "world_size": world_size, "workers": cfg.workers, "batch_size": batch_size}
     if position is None:
         position = {**fixed, "raw": [0] * logical, "skipped": [0] * logical, "next_worker": 0, "batches": 0,
-                    "samples": 0}
+                    "samples": 0, "streams": [[_fresh_source_state() for _ in sources] for _ in range(logical)]}
     else:
-        _check_position(position, fixed, logical)
+        _check_position(position, fixed, logical, len(sources))
     stream = _TrainStream(
         sources, weights, cfg, _targets(cfg, sources, "train"), batch_size=batch_size, seed=seed, rank=rank,
         workers=logical, start=list(position["raw"]), skipped=list(position["skipped"]),
-        offset=position["next_worker"], tokenizer=tokenizer,
+        states=[list(w) for w in position["streams"]], offset=position["next_worker"], tokenizer=tokenizer,
     )
     return TrainLoader(stream, workers=cfg.workers, seed=seed, position=position,
                        epoch_samples=cfg.epoch_samples or _dataset_size(sources))
 
 
-def _check_position(position: dict, fixed: dict, logical: int) -> None:
-    if not isinstance(position, dict) or position.get("version") != POSITION_VERSION:
+def _check_position(position: dict, fixed: dict, logical: int, n_sources: int) -> None:
+    version = position.get("version") if isinstance(position, dict) else None
+    if version == 1:
+        raise DataError(
+            "the data position was saved by an older reader (position version 1, which resumed by replaying every "
+            "sample) whose stream this reader cannot continue exactly; resume with train.resume_data=restart to "
+            "start the data stream afresh (weights, optimizer and step still resume)"
+        )
+    if version != POSITION_VERSION:
         raise DataError(f"data position {position!r} is not one written by this version of TrainLoader.position()")
     changed = [f"{k}={position.get(k)!r} then, {v!r} now" for k, v in fixed.items() if position.get(k) != v]
     if changed:
@@ -687,6 +920,10 @@ def _check_position(position: dict, fixed: dict, logical: int) -> None:
         )
     if len(position.get("raw", [])) != logical or len(position.get("skipped", [])) != logical:
         raise DataError(f"data position has {len(position.get('raw', []))} worker counts, expected {logical}")
+    streams = position.get("streams", [])
+    if len(streams) != logical or any(len(w) != n_sources for w in streams):
+        raise DataError(f"data position has {[len(w) for w in streams]} source states per worker; this data.train has "
+                        f"{n_sources} source(s) and data.workers gives {logical} workers: the shard spec changed")
 
 
 # --------------------------------------------------------------------------------------------------
