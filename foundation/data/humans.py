@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from foundation.data import DataError
+
 TASK_KINDS = ("pose", "parsing", "attributes", "reid", "detection")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SEG_KEY = "seg.png"
@@ -50,8 +52,8 @@ LIP_CLASSES = ["background", "hat", "hair", "glove", "sunglasses", "upper_clothe
                "right_shoe"]
 
 
-class HumanSampleError(ValueError):
-    """A raw sample that does not hold what its task needs (missing entry, wrong shape)."""
+class HumanSampleError(DataError):
+    """A raw sample (or manifest) that does not hold what its task needs (missing entry, wrong shape)."""
 
 
 def flip_pairs(names: list[str]) -> list[list[int]]:
@@ -79,7 +81,9 @@ def task_info(manifest_or_dir: dict | str | Path) -> dict:
         manifest = json.loads((path / "manifest.json" if path.is_dir() else path).read_text())
     info = manifest.get("human_task")
     if not info or info.get("kind") not in TASK_KINDS:
-        raise HumanSampleError(f"{manifest_or_dir}: the manifest names no human-centric task (human_task.kind)")
+        where = "this manifest" if isinstance(manifest_or_dir, dict) else f"{manifest_or_dir}: the manifest"
+        raise HumanSampleError(f"{where} names no human-centric task (human_task.kind): build the shards with a "
+                               "human-centric converter or `foundation data synthetic-humans`")
     return info
 
 
