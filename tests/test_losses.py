@@ -7,6 +7,7 @@ import math
 import os
 import random
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import PYTHON, REPO
-from foundation.data.eda import eda, random_deletion, random_insertion, random_swap
+from foundation.data.eda import eda, random_deletion, random_insertion, random_swap, synonyms
 from foundation.losses import LOSSES
 from foundation.losses.infonce import infonce, multi_view_infonce, one_way_infonce
 from foundation.losses.mlm import IGNORE, mask_tokens, mlm_loss, special_token_mask
@@ -155,8 +156,13 @@ def test_eda_operations():
     assert len(random_deletion(words, 0.5, rng)) < len(words)
     assert random_deletion(["one"], 0.9, rng) == ["one"]
     assert random_deletion(words, 1.0, rng)  # never empty
-    inserted = random_insertion(words, 2, rng)
-    assert len(inserted) == len(words) + 2 and set(inserted) <= set(words) | set(inserted)
+    for seed in range(10):
+        inserted = random_insertion(words, 2, random.Random(seed))
+        it = iter(inserted)
+        assert all(w in it for w in words)  # the original words stay, in order: insertion moves nothing
+        added = Counter(inserted) - Counter(words)
+        assert sum(added.values()) == 2  # exactly two new words, each a word of the caption or its synonym
+        assert set(added) <= set(words) | {s for w in words for s in synonyms(w)}
     a, b = eda("a photo of a bag", 0.2, random.Random(3)), eda("a photo of a bag", 0.2, random.Random(3))
     assert a == b  # seeded
     assert {eda("a photo of a bag", 0.2, random.Random(s)) for s in range(20)} != {"a photo of a bag"}
