@@ -323,3 +323,18 @@ def test_clip_vision_tower_and_open_clip_export_as_backbones(tmp_path):
         assert exported.preprocessing["image_size"] == 32 and exported.preprocessing["mean"] == [0.5] * 3
         rgb = images.expand(-1, 3, -1, -1)  # open_clip towers take RGB; the export replicated our grey statistics
         assert torch.allclose(exported.module(rgb), model.encode_image(images), atol=1e-4)
+
+
+def test_suite_files_in_repo_validate_and_a_typo_exits_2(tmp_path, capsys):
+    from conftest import REPO
+    from foundation.adapt.suite import load_suite
+
+    files = sorted((REPO / "recipes" / "adapt").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert load_suite(f).datasets
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncheckpoint: runs/x\ndatasets: {d: data/d}\nmethod: [linear]\n")
+    assert main(["adapt", "--suite", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "method: unknown key" in err and "methods" in err
