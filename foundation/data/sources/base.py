@@ -69,6 +69,8 @@ class Plan:
     # inside the pool worker; ``totals`` are the splits' sample counts when known (progress bar)
     expand: Callable[[object], Iterable[dict]] | None = None
     totals: dict[str, int | None] = field(default_factory=dict)
+    # further top-level manifest fields (human-centric sources: ``human_task``, see foundation/data/humans.py)
+    manifest_extra: dict = field(default_factory=dict)
 
 
 def sanitize_key(text: str) -> str:
@@ -226,7 +228,7 @@ def run_plan(plan: Plan, out_dir: str | Path, opts: BuildOptions) -> dict:
             pool.terminate()
             pool.join()
     return write_manifest(out_dir, manifest, entries, class_names=plan.class_names, source=plan.source,
-                          command=opts.command)
+                          command=opts.command, extra=plan.manifest_extra)
 
 
 __all__ = ["BuildOptions", "IMAGE_SUFFIXES", "Plan", "Skip", "hold_out", "image_entry", "read_captions", "run_plan",
