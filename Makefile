@@ -43,9 +43,11 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/declip/vit_tiny_fmnist.yaml
 	$(VENV)/bin/foundation eval zeroshot --checkpoint runs/declip_vit_tiny_fmnist --data $(DEMO_DATA) \
 		--out runs/declip_vit_tiny_fmnist/eval/zeroshot.json
+	$(VENV)/bin/foundation data synthetic-humans --out data/humans --n 60 --overwrite
+	$(VENV)/bin/foundation data inspect data/humans/detection --split val --samples 4 --draw runs/humans_check
 	@echo "run directories: runs/resnet18_fmnist, runs/declip_vit_tiny_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
 	@echo "reports: runs/resnet18_fmnist/eval/report/report.md (ship-readiness), runs/resnet18_fmnist/quant/results.md (W8A8 + onnxruntime)," \
-		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json"
+		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json, runs/humans_check/ (synthetic humans with their labels drawn)"
 
 test: $(STAMP) fmnist-files
 	$(PY) -m pytest -q --durations=15 tests
