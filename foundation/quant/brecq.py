@@ -148,6 +148,19 @@ def _rec_loss(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).pow(2).sum(channel_dim).mean()
 
 
+MAX_LR_SCALE = 100.0
+
+
+def lr_scale(rcfg: ReconstructionConfig) -> float:
+    """Multiplier of ``w_lr`` / ``a_lr`` for ``rcfg.iters``: ``lr_reference_iters / iters``, between 1 and
+    ``MAX_LR_SCALE``. Adam moves a parameter by about lr per step, so the papers' rates (set for 20,000
+    iterations) leave V where it started after a few hundred: the rounding stays soft (h ≈ the
+    fractional part) until the end and the hard rounding is round-to-nearest."""
+    if rcfg.lr_reference_iters is None:
+        return 1.0
+    return min(max(rcfg.lr_reference_iters / rcfg.iters, 1.0), MAX_LR_SCALE)
+
+
 def reconstruct_unit(unit: Unit, q_in: Tensor, fp_in: Tensor, fp_out: Tensor, rcfg: ReconstructionConfig, *,
                      quant_prob: float, learn_act: bool, generator: torch.Generator) -> dict:
     """Optimise one unit's rounding (and step sizes); leaves it hard-rounded with frozen step sizes."""
@@ -167,9 +180,10 @@ def reconstruct_unit(unit: Unit, q_in: Tensor, fp_in: Tensor, fp_out: Tensor, rc
     for q in act_qs:
         q.quant_prob = quant_prob
 
-    w_opt = torch.optim.Adam([r.V for r in rounders], lr=rcfg.w_lr) if rounders else None
+    lr_factor = lr_scale(rcfg)
+    w_opt = torch.optim.Adam([r.V for r in rounders], lr=rcfg.w_lr * lr_factor) if rounders else None
     a_params = [q.scale for q in act_qs] if learn_act else []
-    a_opt = torch.optim.Adam(a_params, lr=rcfg.a_lr) if a_params else None
+    a_opt = torch.optim.Adam(a_params, lr=rcfg.a_lr * lr_factor) if a_params else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=rcfg.iters, eta_min=0.0) if a_opt else None
 
     n = q_in.shape[0]
@@ -199,18 +213,22 @@ def reconstruct_unit(unit: Unit, q_in: Tensor, fp_in: Tensor, fp_out: Tensor, rc
             a_sched.step()
 
     with torch.no_grad():
+        soft_h = torch.cat([r.h().flatten() for r in rounders]) if rounders else torch.zeros(0)
         for layer in layers:
             wq = layer.weight_quant
             if wq.rounding is not None:
                 wq.rounding.soft = False
                 layer.weight.copy_(wq(layer.weight))  # bake the hard rounding: RTN now reproduces it
                 wq.rounding = None
+        hard = _rec_loss(unit(x), fp_out[idx].to(device)) if rcfg.iters else rec  # same batch, hard rounding
     for q in act_qs:
         if learn_act:
             q.learn_scale(False)
             q.scale.data.clamp_(min=torch.finfo(torch.float32).eps)
         q.quant_prob = 1.0
-    return {"unit": unit.name, "kind": unit.kind, "final_rec_loss": float(rec.detach())}
+    undecided = float(((soft_h > 0.01) & (soft_h < 0.99)).float().mean()) if soft_h.numel() else 0.0
+    return {"unit": unit.name, "kind": unit.kind, "final_rec_loss": float(rec.detach()),
+            "hard_rec_loss": float(hard), "undecided_rounding": undecided}
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: Tensor, cfg: QuantConfig, *, granularity: str,
