@@ -133,13 +133,68 @@ def test_psnr_at_28_px_and_the_pixelate_grid_exception():
         p = psnr_by_severity(img, name)
         pairs = ORDERED_PAIRS.get(name, ALL_PAIRS)
         if name == "pixelate":
-            assert [int(28 * c) for c in (0.6, 0.5, 0.4, 0.3, 0.25)] == [16, 14, 11, 8, 7]
+            # severity 2 at 28 px is the exact 2x2 block grid (14 px): each block holds its mean, as PIL's
+            # separable BOX filter computes it (pairs along x averaged and rounded half up, then along y)
+            pairs_x = np.floor(img.reshape(28, 14, 2, 3).astype(np.float64).mean(axis=2) + 0.5)
+            blocks = np.floor(pairs_x.reshape(14, 2, 14, 3).mean(axis=1) + 0.5)
+            grid = np.repeat(np.repeat(blocks, 2, axis=0), 2, axis=1)
+            assert np.array_equal(corrupt(img, "pixelate", 2), grid.astype(np.uint8))
             pairs = [(3, 4), (4, 5)]
         if name == "spatter":
             pairs = [(1, 2), (2, 3), (4, 5)]
         for a, b in pairs:
             assert p[a - 1] > p[b - 1], f"{name} at 28 px: PSNR {np.round(p, 2).tolist()} not falling {a}->{b}"
         assert p[4] < p[0] or name in UNORDERED_ENDS, name
+
+
+def test_deterministic_corruptions_equal_the_imagenet_c_formulas_at_fixed_pixels():
+    """Reference values computed here, in float64, from the ImageNet-C definitions (Hendrycks & Dietterich's
+    ``make_imagenet_c.py``) and its severity constants, not from the implementation under test."""
+    # brightness on grey: x + c, c = 0.2 at severity 2 (60 + 0.2 * 255 = 111 exactly)
+    grey = np.full((32, 32), 60, np.uint8)
+    assert (corrupt(grey, "brightness", 2) == 111).all()
+    assert (corrupt(np.full((32, 32), 240, np.uint8), "brightness", 1) == 255).all()  # clipped
+    # brightness on colour: V of HSV + c, H and S kept, so RGB scales by (V + c) / V
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:16], rgb[16:] = (200, 120, 40), (90, 60, 30)
+    for severity, c in ((2, 0.2), (4, 0.4)):
+        out = corrupt(rgb, "brightness", severity).astype(np.float64)
+        for row, pixel in ((0, np.array([200, 120, 40.0])), (31, np.array([90, 60, 30.0]))):
+            v = pixel.max() / 255
+            expected = pixel * min(v + c, 1.0) / v
+            assert np.abs(out[row, 5] - expected).max() <= 0.51, (severity, pixel, out[row, 5], expected)
+    assert corrupt(rgb, "brightness", 2)[0, 0].tolist() == [251, 151, 50]
+    # contrast: (x - mean) * c + mean over the image, c = 0.4 at severity 1, 0.05 at 5
+    ramp = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # 0, 8, ..., 248 per row
+    mean = ramp.astype(np.float64).mean() / 255
+    for severity, c in ((1, 0.4), (5, 0.05)):
+        expected = ((ramp / 255 - mean) * c + mean) * 255
+        assert np.abs(corrupt(ramp, "contrast", severity) - expected).max() <= 0.51
+    assert corrupt(ramp, "contrast", 1)[0, [0, 31]].tolist() == [74, 174]  # 124 -/+ 0.4 * 124
+    # pixelate at 32 px: severity 2 (c = 0.5) and 5 (0.25) are exact 2x2 and 4x4 block grids; the ramp
+    # 4i + 8j has integer block means, so BOX down and up gives them exactly
+    i, j = np.mgrid[0:32, 0:32]
+    ramp2 = (4 * i + 2 * j).astype(np.uint8)
+    for severity, block in ((2, 2), (5, 4)):
+        means = ramp2.reshape(32 // block, block, 32 // block, block).mean(axis=(1, 3))
+        expected = np.repeat(np.repeat(means, block, 0), block, 1)
+        assert np.array_equal(corrupt(ramp2, "pixelate", severity), expected.astype(np.uint8)), severity
+    # jpeg: PIL at quality 25 (severity 1) and 7 (severity 5)
+    from PIL import Image
+
+    for severity, quality in ((1, 25), (5, 7)):
+        buf = io.BytesIO()
+        Image.fromarray(ramp2).save(buf, format="JPEG", quality=quality)
+        expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+        assert np.array_equal(corrupt(ramp2, "jpeg_compression", severity), expected), severity
+    # gaussian noise, seed 3: x + N(0, c^2) from numpy's default_rng(seed), c = 0.08 / 0.38
+    flat = np.full((16, 16, 3), 128, np.uint8)
+    for severity, c in ((1, 0.08), (5, 0.38)):
+        noise = np.random.default_rng(3).normal(size=(16, 16, 3))
+        expected = np.clip(np.rint((128 / 255 + c * noise) * 255), 0, 255)
+        out = corrupt(flat, "gaussian_noise", severity, seed=3).astype(np.float64)
+        assert np.abs(out - expected).max() <= 1 and (out == expected).mean() > 0.95, severity
+    assert not np.array_equal(corrupt(flat, "gaussian_noise", 1, seed=3), corrupt(flat, "gaussian_noise", 1, seed=4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +290,26 @@ def tiny_model() -> nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def weak_model(tiny_model) -> nn.Module:
+    """A worse classifier of the same data (the tiny model's weights plus noise): a reference for CE/mCE
+    that is not the model itself, so mCE is not 100 by construction."""
+    import copy
+
+    weak = copy.deepcopy(tiny_model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in weak.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 1.5)
+    return weak.eval()
+
+
+def hand_mce(errors: dict, reference: dict) -> float:
+    """mCE of Hendrycks & Dietterich: per ImageNet-C corruption, 100 x the model's summed errors over the
+    reference's, averaged."""
+    return float(np.mean([100 * sum(errors[c]) / sum(reference[c]) for c in errors if c in IMAGENET_C]))
+
+
 def test_tiny_model_learned(tiny_model):
     x, y = quadrant_data(128, seed=1)
     with torch.no_grad():
@@ -286,23 +361,32 @@ def quadrant_samples(n: int, seed: int) -> list[tuple[np.ndarray, int]]:
     return [((x[i, 0].numpy() * 255).round().astype(np.uint8), int(y[i])) for i in range(n)]
 
 
-def test_evaluate_robustness_end_to_end_and_report(tiny_model, tmp_path):
+def test_evaluate_robustness_end_to_end_and_report(tiny_model, weak_model, tmp_path):
     from evaluation.report import write_robustness_report
 
     samples = quadrant_samples(24, seed=5)
-    kwargs = dict(image_size=32, in_chans=1, mean=MEAN, std=STD, corruptions=["gaussian_noise", "fog", "saturate"],
+    kwargs = dict(image_size=32, in_chans=1, mean=MEAN, std=STD, corruptions=["contrast", "fog", "saturate"],
                   severities=[1, 3, 5], batch_size=10, seed=0)
     attacks = [Attack("fgsm", "linf", 0.1), Attack("pgd", "linf", 0.1, steps=5)]
-    ref = evaluate_robustness(tiny_model, samples, **kwargs)
+    ref = evaluate_robustness(weak_model, samples, **kwargs)
     res = evaluate_robustness(tiny_model, samples, attacks=attacks, adv_max_samples=16,
                               reference_errors=ref["corruptions"]["error"],
                               reference_clean_error=ref["clean_error"], **kwargs)
     assert res["samples"] == 24 and res["clean_accuracy"] > 90
     assert res["corruptions"]["not_applicable"] == ["saturate"]  # grey model
-    assert set(res["corruptions"]["error"]) == {"gaussian_noise", "fog"}
-    assert res["corruptions"]["error"] == ref["corruptions"]["error"]  # deterministic for a seed
-    assert res["mce"]["mce"] == pytest.approx(100.0)  # the model is its own reference
-    assert res["corruptions"]["error"]["gaussian_noise"][-1] >= res["corruptions"]["error"]["gaussian_noise"][0]
+    assert set(res["corruptions"]["error"]) == {"contrast", "fog"}
+    again = evaluate_robustness(tiny_model, samples, **kwargs)
+    assert res["corruptions"]["error"] == again["corruptions"]["error"]  # deterministic for a seed
+    # an error by hand: sample i corrupted with seed (seed, i, index of the corruption), then predicted
+    x = [corrupt(img, "fog", 5, seed=(0, i, ALL_CORRUPTIONS.index("fog"))) for i, (img, _) in enumerate(samples)]
+    with torch.no_grad():
+        pred = Normalized(tiny_model, MEAN, STD)(torch.tensor(np.stack(x))[:, None].float() / 255).argmax(1)
+    wrong = (pred != torch.tensor([y for _, y in samples])).float().mean().item() * 100
+    assert res["corruptions"]["error"]["fog"][-1] == pytest.approx(wrong)
+    assert ref["corruptions"]["error"] != res["corruptions"]["error"]
+    assert res["mce"]["mce"] == pytest.approx(hand_mce(res["corruptions"]["error"], ref["corruptions"]["error"]))
+    assert res["mce"]["mce"] < 90  # the trained model loses less to the corruptions than the perturbed one
+    assert res["corruptions"]["error"]["fog"][-1] > res["corruptions"]["error"]["fog"][0]
     adv = res["adversarial"]
     assert adv["samples"] == 16 and len(adv["attacks"]) == 2
     assert adv["attacks"][1]["robustness"] <= adv["attacks"][0]["robustness"]
@@ -311,7 +395,7 @@ def test_evaluate_robustness_end_to_end_and_report(tiny_model, tmp_path):
     files = write_robustness_report(res, tmp_path)
     for key in ("json", "html", "md", "corruptions_png", "adversarial_png"):
         assert files[key].exists() and files[key].stat().st_size > 0, key
-    assert "gaussian_noise" in files["html"].read_text()
+    assert "contrast" in files["html"].read_text()
     assert json.loads(files["json"].read_text())["samples"] == 24
 
 
@@ -334,8 +418,9 @@ def test_pipeline_matches_timm_eval_transform():
 
 
 @pytest.fixture
-def fake_platform(monkeypatch, tiny_model, tmp_path):
-    """``load_model`` and ``iter_raw_samples`` stand-ins: the tiny model and PNG samples in memory."""
+def fake_platform(monkeypatch, tiny_model, weak_model, tmp_path):
+    """``load_model`` and ``iter_raw_samples`` stand-ins: the tiny model (the weak one for a checkpoint under
+    ``runs/reference/``) and PNG samples in memory."""
     from PIL import Image
 
     from evaluation.robustness import pil_decode
@@ -364,7 +449,7 @@ def fake_platform(monkeypatch, tiny_model, tmp_path):
 
     modules = {
         "foundation.engine.checkpoint": types.SimpleNamespace(
-            load_model=lambda ckpt, device="cpu": (tiny_model, recipe)),
+            load_model=lambda ckpt, device="cpu", **_: (weak_model if "reference" in str(ckpt) else tiny_model, recipe)),
         "foundation.data.shards": types.SimpleNamespace(iter_raw_samples=iter_raw_samples),
         "foundation.data.transforms": types.SimpleNamespace(
             decode_image=pil_decode, build_eval_transform=build_eval_transform,
@@ -374,6 +459,7 @@ def fake_platform(monkeypatch, tiny_model, tmp_path):
         monkeypatch.setitem(sys.modules, name, module)
     ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step_40"
     ckpt.mkdir(parents=True)
+    (tmp_path / "runs" / "reference" / "checkpoints" / "step_4").mkdir(parents=True)
     return ckpt
 
 
@@ -389,16 +475,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_robustness_cli_writes_report_next_to_the_run(fake_platform, capsys):
-    args = parse(["robustness", "--checkpoint", str(fake_platform), "--corruptions", "contrast", "pixelate",
+    args = parse(["robustness", "--checkpoint", str(fake_platform), "--corruptions", "contrast", "fog",
                   "--severities", "1", "5", "--eps", "2/255", "--pgd-steps", "3", "--batch-size", "5", "--quiet",
-                  "--reference", str(fake_platform)])
+                  "--reference", str(fake_platform.parents[2] / "reference" / "checkpoints" / "step_4")])
     assert args.func(args) == 0
     out = fake_platform.parent.parent / "eval" / "robustness"
     result = json.loads((out / "robustness.json").read_text())
     assert result["samples"] == 12
     assert result["skipped_samples"]["count"] == 1  # the broken image is skipped and counted
     assert result["pipeline_matches_training"] is True
-    assert result["mce"]["mce"] == pytest.approx(100.0)
+    reference = json.loads((out / "reference_robustness.json").read_text())
+    assert reference["checkpoint"].endswith("reference/checkpoints/step_4")
+    assert reference["corruptions"]["error"] != result["corruptions"]["error"]
+    assert result["mce"]["mce"] == pytest.approx(hand_mce(result["corruptions"]["error"],
+                                                          reference["corruptions"]["error"]))
+    assert result["mce"]["mce"] < 100
     assert {r["attack"] for r in result["adversarial"]["attacks"]} == {"fgsm", "pgd"}
     assert (out / "report.html").exists() and (out / "corruption_accuracy.png").exists()
     assert "mCE" in capsys.readouterr().out

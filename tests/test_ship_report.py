@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import tiny_recipe
 from foundation.cli import main
 from foundation.config import validate
@@ -14,6 +16,8 @@ from foundation.train import train
 def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys):
     recipe = validate(tiny_recipe(digits_shards, tmp_path / "runs", "ship", train={"steps": 30}))
     train(recipe)
+    weak = validate(tiny_recipe(digits_shards, tmp_path / "runs", "weak", train={"steps": 3}))  # mCE reference
+    train(weak)
     run, ev = recipe.run_dir, recipe.run_dir / "eval"
     data = str(digits_shards)
 
@@ -32,7 +36,7 @@ def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys)
                  "--out", str(run / "quant")]) == 0
     assert main(["eval", "robustness", "--checkpoint", str(run), "--data", data, "--corruptions", "contrast",
                  "--severities", "1", "--eps", "2/255", "--pgd-steps", "2", "--max-samples", "16",
-                 "--reference", str(run), "--quiet"]) == 0
+                 "--reference", str(weak.run_dir), "--quiet"]) == 0
     assert main(["eval", "sysnoise", "--checkpoint", str(run), "--data", data, "--axes", "precision",
                  "architecture", "--max-samples", "16", "--int8", str(run / "quant" / "rtn_w8a8_academic"),
                  "--quiet"]) == 0
@@ -47,6 +51,9 @@ def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys)
     quant = json.loads((run / "quant" / "results.json").read_text())
     assert report["classification"]["top1"] == cls["top1"]
     assert report["robustness"]["mce"] == rob["mce"]["mce"]
+    ref = json.loads((ev / "robustness" / "reference_robustness.json").read_text())
+    [model_err], [ref_err] = rob["corruptions"]["error"]["contrast"], ref["corruptions"]["error"]["contrast"]
+    assert ref_err != model_err and rob["mce"]["mce"] == pytest.approx(100 * model_err / ref_err)
     pgd = [a for a in rob["adversarial"]["attacks"] if a["attack"] == "pgd"]
     assert [a["robustness"] for a in report["robustness"]["attacks"] if a["attack"] == "pgd"] == \
         [a["robustness"] for a in pgd]

@@ -28,7 +28,8 @@ from evaluation.sysnoise import (
     resize_variants,
     to_jpeg,
 )
-from test_robustness import fake_platform, parse, quadrant_samples, scene, tiny_model  # noqa: F401 (fixtures)
+from test_robustness import (  # noqa: F401 (fixtures)
+    fake_platform, parse, quadrant_samples, scene, tiny_model, weak_model)
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -261,7 +262,7 @@ def test_sysnoise_cli_writes_report_next_to_the_run(fake_platform, monkeypatch, 
     poolup = train_poolup(1)
     loader = sys.modules["foundation.engine.checkpoint"]
     recipe = loader.load_model("x")[1]
-    monkeypatch.setattr(loader, "load_model", lambda ckpt, device="cpu": (poolup, recipe))
+    monkeypatch.setattr(loader, "load_model", lambda ckpt, device="cpu", **_: (poolup, recipe))
     args = parse(["sysnoise", "--checkpoint", str(fake_platform), "--batch-size", "4", "--quiet"])
     assert args.func(args) == 0
     out = fake_platform.parent.parent / "eval" / "sysnoise"
