@@ -12,6 +12,8 @@ DDP and DeepSpeed apply as to any run (``--set parallel.backend=ddp`` under torc
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,9 +31,18 @@ log = logging.getLogger(__name__)
 
 def subset_shards(data: str, split_name: str, keys: list[str], out_dir: Path, class_names: list[str] | None) -> Path:
     """The training samples of ``keys`` as shards + manifest in ``out_dir`` (reused when already written)."""
-    manifest = read_manifest(out_dir)
-    if manifest and manifest["splits"].get("train", {}).get("samples") == len(keys) \
-            and manifest.get("source", {}).get("keys_of") == split_name:
+    def written() -> bool:
+        manifest = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
+        return bool(manifest and manifest["splits"].get("train", {}).get("samples") == len(keys)
+                    and manifest.get("source", {}).get("keys_of") == split_name)
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 writes the subset; the others wait for it
+        deadline = time.monotonic() + 1800
+        while not written():
+            if time.monotonic() > deadline:
+                raise DataError(f"rank {os.environ['RANK']}: rank 0 did not write the subset shards in {out_dir}")
+            time.sleep(2)
+    if written():
         return out_dir / "manifest.json"
     wanted = set(keys)
     out_dir.mkdir(parents=True, exist_ok=True)

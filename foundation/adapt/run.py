@@ -101,7 +101,8 @@ class Adaptation:
         return self._features[split]
 
     def train_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted keys and labels of the training split, read from the shards without decoding images."""
+        """Sorted keys and labels of the training split: the extracted features' (samples that decoded), else read
+        from the shards without decoding images."""
         if self._index is None:
             if self.opts.train_split in self._features:
                 f = self._features[self.opts.train_split]
@@ -148,6 +149,8 @@ class Adaptation:
         full = shots is None and (fraction is None or fraction >= 1) and not split_file
         # a full split is the same for every seed: linear/knn would repeat the same figure
         n_seeds = 1 if (full and method in ("linear", "knn")) or split_file else seeds
+        if method in ("linear", "knn"):
+            self.features(self.opts.train_split)  # subsets are then drawn from the samples that decoded
         runs = []
         for seed in range(n_seeds):
             split = self.split(fraction, shots, seed, split_file)

@@ -8,6 +8,7 @@ shared between methods and people (``foundation adapt --split-file``). Selection
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def write_split(split: dict, path: str | Path, **about) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in split.items() if k != "keys"} | about | {"keys": split["keys"]}
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several ranks (torchrun) may write the same file
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
     return path
