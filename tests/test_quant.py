@@ -12,6 +12,7 @@ import timm
 import torch
 
 from conftest import REPO
+from test_quant_w2 import digits, top1  # noqa: F401 (a fixture: a tiny resnet trained on digits)
 from foundation.config import RecipeError
 from foundation.quant import METHODS
 from foundation.quant.adaround import AdaRound, beta_schedule
@@ -336,3 +337,30 @@ def test_block_reconstruction_takes_constant_tensor_arguments_and_refuses_changi
     assert [u["unit"] for u in report["method"]["units"]] == ["inp", "block", "head"]
     with pytest.raises(NotImplementedError, match="change between calls"):
         quantize(_MaskedNet(per_call_mask=True).eval(), calib, cfg)
+
+
+
+# ---- reconstruction beats round-to-nearest ----------------------------------------------------------
+
+W3A3_ITERS = 60
+
+
+def w3a3_top1(digits, method: str) -> float:  # noqa: F811 (fixture imported from test_quant_w2)
+    model, calib, x, y = digits
+    cfg = load_quant_config(None, {"method": method, "wbits": 3, "abits": 3, "calib_images": calib.shape[0],
+                                   "batch_size": 64, "reconstruction.iters": W3A3_ITERS})
+    return top1(quantize(model, calib, cfg)[0], x, y)
+
+
+@pytest.fixture(scope="module")
+def rtn_w3a3(digits) -> float:  # noqa: F811
+    return w3a3_top1(digits, "rtn")
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_beats_rtn_at_w3a3(digits, rtn_w3a3, method):  # noqa: F811
+    """W3A3 (first/last layer at 8 bits) on the tiny resnet10t trained on digits (FP ~96% top-1, 397
+    held-out digits). Measured at 60 iterations per unit: RTN 35.3%, AdaRound 87.2%, BRECQ 89.4%,
+    QDrop 90.9%. Each method must beat RTN by 30 points (~6-8 s each on a 2-core CPU)."""
+    assert rtn_w3a3 < 60.0, rtn_w3a3  # W3A3 round-to-nearest really is broken here: the margin means something
+    assert w3a3_top1(digits, method) >= rtn_w3a3 + 30.0, (method, rtn_w3a3)
