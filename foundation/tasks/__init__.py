@@ -35,9 +35,17 @@ def build_task(recipe, group_sizes: dict[str, int] | None = None, world_size: in
         raise RecipeError("model.dual_encoder.vision_open_clip: a multi-task run's vision tower is the shared "
                           "model.backbone; leave vision_open_clip unset")
     backbone = create_backbone(recipe.model.model_copy(update={"num_classes": 0}), in_chans=chans.pop())
-    tasks = {}
+    tasks, shared = {}, {}
     for name, entry in recipe.tasks.items():
         cls = lookup(TASKS, entry.task.name, f"tasks.{name}.task.name")
+        # parts several tasks share besides the backbone (UniHCP's decoder): built once, by the first task asking
+        parts = getattr(cls, "shared_parts", None)
+        kwargs = {}
+        if parts is not None:
+            for key, factory in parts(recipe.model, backbone).items():
+                if key not in shared:
+                    shared[key] = factory()
+            kwargs["shared"] = shared
         num_classes = entry.num_classes
         if num_classes is None and cls is ClassificationTask:
             names = class_names(entry.data.train)
@@ -45,10 +53,10 @@ def build_task(recipe, group_sizes: dict[str, int] | None = None, world_size: in
                 raise RecipeError(f"tasks.{name}.num_classes: not set, and the shards' manifest names no classes")
             num_classes = len(names)
         model = recipe.model.model_copy(update={"num_classes": num_classes or 0})
-        tasks[name] = cls.build(model, entry.task, entry.data, backbone=backbone)
+        tasks[name] = cls.build(model, entry.task, entry.data, backbone=backbone, **kwargs)
     weights = {name: entry.loss_weight for name, entry in recipe.tasks.items()}
     scales = loss_scales(weights, recipe.train.schedule, group_sizes, world_size)
-    return MultiTask(backbone, tasks, scales)
+    return MultiTask(backbone, tasks, scales, shared)
 
 
 def network(task: nn.Module) -> nn.Module:

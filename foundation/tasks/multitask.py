@@ -1,7 +1,9 @@
 """Several tasks on one shared backbone (UniHCP, INTERN's amateur stage).
 
 ``MultiTask`` owns the backbone once; each task (a head and its loss, built by the task's own class with
-``backbone=``) reaches it through a ``SharedBackbone`` reference. ``forward`` takes ``{task name: batch}``
+``backbone=``) reaches it through a ``SharedBackbone`` reference; a task class may also declare
+``shared_parts(model_cfg, backbone) -> {key: factory}`` for further modules every task of that kind
+shares (built once, kept in ``MultiTask.shared``, passed to ``build`` as ``shared=``). ``forward`` takes ``{task name: batch}``
 (every task under ``mix``, one under ``sample`` and ``groups``) and returns the scaled sum of the task
 losses as ``loss`` plus every task's terms as ``<task>/<term>``.
 """
@@ -20,9 +22,13 @@ class MultiTask(nn.Module):
     backbone_name = "backbone"  # the submodule model.init (part: backbone) and layer decay treat as the backbone
     model_prefix = ""  # checkpoints: every tensor (backbone and heads) goes to model.safetensors
 
-    def __init__(self, backbone: nn.Module, tasks: dict[str, nn.Module], scales: dict[str, float]):
+    def __init__(self, backbone: nn.Module, tasks: dict[str, nn.Module], scales: dict[str, float],
+                 shared: dict[str, nn.Module] | None = None):
         super().__init__()
         self.backbone = backbone
+        # other parts several tasks use (a task class's ``shared_parts``, e.g. UniHCP's decoder); tasks reach
+        # them through SharedBackbone references, so each is stored and optimised once
+        self.shared = nn.ModuleDict(shared or {})
         self.tasks = nn.ModuleDict(tasks)
         self.scales = dict(scales)
 
