@@ -324,6 +324,15 @@ def test_clip_vision_tower_and_open_clip_export_as_backbones(tmp_path):
         assert exported.preprocessing["image_size"] == 32 and exported.preprocessing["mean"] == [0.5] * 3
         rgb = images.expand(-1, 3, -1, -1)  # open_clip towers take RGB; the export replicated our grey statistics
         assert torch.allclose(exported.module(rgb), model.encode_image(images), atol=1e-4)
+    # fine-tuning starts from the vision tower (`visual.*` of the dual encoder) with a new classifier
+    code = main(["adapt", "--checkpoint", str(recipe.run_dir), "--data", str(shards), "--method", "finetune",
+                 "--steps", "2", "--ft-batch-size", "8", "--workers", "0", "--wandb", "disabled",
+                 "--out", str(tmp_path / "ft")])
+    assert code == 0
+    run_dir = next((tmp_path / "ft" / "finetune" / "full").glob("finetune-seed0"))
+    report = json.loads((run_dir / "init_report.json").read_text())
+    assert "pos_embed" in report["loaded"] and "blocks.1.mlp.fc2.weight" in report["loaded"]
+    assert not report["missing"] and not any(k.startswith("head") for k in report["loaded"])
 
 
 def test_suite_files_in_repo_validate_and_a_typo_exits_2(tmp_path, capsys):
