@@ -99,6 +99,45 @@ def test_declip_lowers_every_loss_term_and_zero_shot(declip_run):
     assert summary["eval/retrieval/text_to_image_R@1"] == pytest.approx(100 * 1 / 16), summary
 
 
+def test_declip_killed_and_resumed_equals_a_straight_run(shards, tmp_path):
+    """20 DeCLIP steps straight == 10 steps, SIGKILL after the checkpoint, resume for 10 more: every loss
+    term (MLM masks, EDA captions, two views, the NNS queue all carry state or randomness across the kill)
+    is bitwise equal at every step, and so are the final weights and the queue."""
+    import signal
+
+    from conftest import write_recipe
+    from foundation.engine.checkpoint import find_latest
+    from test_train import run_driver
+
+    sections = dict(train={"steps": 20, "save_every": 10, "evals": []}, data={"workers": 2})
+    recipes = {}
+    for name in ("straight", "killed"):
+        r = clip_recipe(shards, tmp_path, name, **sections)
+        r["task"]["declip"]["queue_size"] = 64  # wraps around before the kill: the FIFO pointer matters
+        recipes[name] = write_recipe(tmp_path / f"{name}.yaml", r)
+    a = run_driver(recipes["straight"])
+    assert a.returncode == 0, a.stderr[-3000:]
+    b1 = run_driver(recipes["killed"], "--die-after-save", "10")
+    assert b1.returncode == -signal.SIGKILL, b1.stderr[-3000:]
+    assert find_latest(tmp_path / "killed" / "checkpoints").name == "step_10"
+    b2 = run_driver(recipes["killed"])
+    assert b2.returncode == 0 and "resumed from" in b2.stderr, b2.stderr[-3000:]
+    ma, mb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert sorted(ma) == sorted(mb) == list(range(1, 21))
+    terms = ("train/loss", "train/clip", "train/iss", "train/tss", "train/nns")
+    assert all(t in ma[20] for t in terms) and ma[20]["train/nns"] > 0
+    for step in range(1, 21):
+        for t in terms:
+            assert ma[step][t] == mb[step][t], (step, t, ma[step][t], mb[step][t])
+    wa = load_file(str(tmp_path / "straight/checkpoints/step_20/model.safetensors"))
+    wb = load_file(str(tmp_path / "killed/checkpoints/step_20/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ta = load_file(str(tmp_path / "straight/checkpoints/step_20/task.safetensors"))  # heads and the NNS queue
+    tb = load_file(str(tmp_path / "killed/checkpoints/step_20/task.safetensors"))
+    assert int(ta["nns_queue.filled"]) == 64 and int(ta["nns_queue.ptr"]) == 20 * 16 % 64
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_queue_and_heads_are_checkpointed(declip_run, shards):
     _, run_dir = declip_run
     ckpt = run_dir / "checkpoints" / "step_40"
