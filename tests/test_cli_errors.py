@@ -146,6 +146,8 @@ def test_recipes_check_validates_every_repo_recipe_with_its_own_schema():
     assert len(quant) >= 7
     for f in quant:
         assert f"ok    recipes/quant/{f.name} (quant)" in out.stdout
+    for f in sorted((REPO / "recipes" / "adapt").glob("*.yaml")):
+        assert f"ok    recipes/adapt/{f.name} (adapt)" in out.stdout
     assert "ok    recipes/classification/resnet18_fmnist.yaml (training)" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == f"{len(list((REPO / 'recipes').rglob('*.yaml')))} valid, 0 invalid"
 
