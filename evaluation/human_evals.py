@@ -1,0 +1,179 @@
+"""Training-time and CLI evaluations of UniHCP's five tasks with the human-centric metrics
+(evaluation/human/): ``fn(model, loader, device, all_reduce, max_batches) -> dict[str, float]``.
+
+``model`` is a task's ``UniHCPNet``; ``loader`` yields ``data.human`` batches (evaluation transform:
+letterboxed, no augmentation), whose ``scale``/``offset`` map predictions back to source pixels.
+Metrics are computed on rank 0's gather of every rank's predictions when several ranks evaluate
+(per-sample results are gathered as objects; sums through ``all_reduce``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from evaluation.human import attribute_metrics, detection_metrics, evaluate_reid, keypoint_ap, pairwise_distance
+from evaluation.human.parsing import ParsingMeter, parsing_metrics
+from evaluation.human.pose import crops_to_coco
+from foundation.losses.unihcp import heatmap_peaks, parsing_prediction
+
+
+def _gather(obj):
+    """Every rank's ``obj`` (a list) joined, when a process group is up; else ``obj``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+def _batches(model: nn.Module, loader: Iterable[dict], device, max_batches: int | None):
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images = batch["image"].to(device, non_blocking=True)
+        yield model(images)[-1], batch["targets"], images.shape[-1]
+
+
+def _to_source(xy: Tensor, targets: dict) -> Tensor:
+    """Input pixels (B, N, 2) → source pixels through each sample's letterbox map."""
+    return (xy - targets["offset"][:, None].to(xy)) / targets["scale"][:, None, None].to(xy)
+
+
+@torch.no_grad()
+def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
+                  all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
+    """COCO keypoint AP/AR (OKS, top-down on the crops) from heatmap peaks; ``vis_acc`` of the visibility logits."""
+    was = model.training
+    model.eval()
+    labels, results, vis_hits, vis_n = [], [], 0, 0
+    for out, t, size in _batches(model, loader, device, max_batches):
+        maps = out["maps"].float().cpu()
+        xy, val = heatmap_peaks(maps, size / maps.shape[-1])
+        src = _to_source(xy + 0.5, t) - 0.5  # the decoder put keypoints on pixel centres
+        vis = out["logits"].float().cpu().sigmoid()
+        for i in range(len(maps)):
+            labels.append({"keypoints": t["src_keypoints"][i].tolist(), "box": t["box"][i].tolist(),
+                           "area": float(t["area"][i])})
+            kps = torch.cat([src[i], val[i, :, None].clamp(min=0)], 1)
+            results.append({"keypoints": kps.flatten().tolist(), "score": float(val[i].clamp(min=0).mean() * vis[i].mean())})
+        known = t["keypoints"][..., 2] > 0
+        vis_hits += int(((vis > 0.5) == known).sum())
+        vis_n += known.numel()
+    labels, results = _gather(labels), _gather(results)
+    model.train(was)
+    if not labels:
+        return {"AP": 0.0, "samples": 0}
+    gt = crops_to_coco(labels)
+    for i, r in enumerate(results):
+        r.update(image_id=i, category_id=1)
+    k = len(labels[0]["keypoints"])
+    sigmas = None if k == 17 else [0.05] * k
+    metrics = keypoint_ap(gt, results, sigmas)
+    return {**metrics, "vis_acc": vis_hits / max(vis_n, 1), "samples": len(labels)}
+
+
+@torch.no_grad()
+def evaluate_parsing(model: nn.Module, loader: Iterable[dict], device="cpu",
+                     all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
+    """mIoU, pixel accuracy, mean class accuracy on the letterboxed label maps (padding is ignored)."""
+    was = model.training
+    model.eval()
+    meter = None
+    n = 0
+    for out, t, size in _batches(model, loader, device, max_batches):
+        maps = F.interpolate(out["maps"].float(), size=(size, size), mode="bilinear", align_corners=False)
+        pred = parsing_prediction(out["logits"].float(), maps).cpu().numpy()
+        if meter is None:
+            meter = ParsingMeter(maps.shape[1])
+        for p, g in zip(pred, t["label_map"].numpy()):
+            meter.update(p, g)
+            n += 1
+    model.train(was)
+    if meter is None:
+        return {"mIoU": 0.0, "samples": 0}
+    conf = all_reduce(torch.from_numpy(meter.conf).to(device)).cpu().numpy()
+    n = int(all_reduce(torch.tensor(float(n), device=device)).item())
+    res = parsing_metrics(conf)
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))} | {"samples": n}
+
+
+@torch.no_grad()
+def evaluate_attributes(model: nn.Module, loader: Iterable[dict], device="cpu",
+                        all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
+    """mA and instance accuracy / precision / recall / F1 (logits > 0 = present)."""
+    was = model.training
+    model.eval()
+    preds, gts = [], []
+    for out, t, _ in _batches(model, loader, device, max_batches):
+        preds.extend((out["logits"].float().cpu() > 0).numpy().astype(np.int8).tolist())
+        gts.extend(t["attributes"].numpy().tolist())
+    preds, gts = _gather(preds), _gather(gts)
+    model.train(was)
+    if not preds:
+        return {"mA": 0.0, "samples": 0}
+    res = attribute_metrics(np.asarray(preds, np.int8), np.asarray(gts))
+    return {k: float(v) for k, v in res.items() if isinstance(v, (int, float, np.floating))} | {"samples": len(preds)}
+
+
+@torch.no_grad()
+def evaluate_reid_queries(model: nn.Module, loader: Iterable[dict], device="cpu",
+                          all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
+    """CMC rank-1/5/10 and mAP (Market-1501 protocol) of the L2-normalised pre-BN features; query and
+    gallery are the samples whose ``split`` says so (a ReID shard set's ``val`` spec reads both)."""
+    was = model.training
+    model.eval()
+    rows = []
+    for out, t, _ in _batches(model, loader, device, max_batches):
+        feats = F.normalize(out["feature"].float(), dim=1).cpu().numpy()
+        for f, pid, cam, split in zip(feats, t["pid"].tolist(), t["camid"].tolist(), t["split"].tolist()):
+            rows.append((f, pid, cam, split))
+    rows = _gather(rows)
+    model.train(was)
+    q = [r for r in rows if r[3] == 1]
+    g = [r for r in rows if r[3] == 2]
+    if not q or not g:
+        return {"rank1": 0.0, "mAP": 0.0, "queries": len(q), "gallery": len(g)}
+    dist = pairwise_distance(np.stack([r[0] for r in q]), np.stack([r[0] for r in g]))
+    res = evaluate_reid(dist, np.array([r[1] for r in q]), np.array([r[1] for r in g]), np.array([r[2] for r in q]),
+                        np.array([r[2] for r in g]))
+    return {k: float(v) for k, v in res.items() if k in ("rank1", "rank5", "rank10", "mAP", "valid_queries")} | {
+        "queries": len(q), "gallery": len(g)}
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
+                       all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None,
+                       max_dets: int = 100) -> dict:
+    """AP50, MR-2 and JI (CrowdHuman's rules, ignore regions) of the top ``max_dets`` boxes per image, in
+    source pixels."""
+    from torchvision.ops import box_convert
+
+    was = model.training
+    model.eval()
+    images = []
+    for out, t, size in _batches(model, loader, device, max_batches):
+        scores = out["logits"].float().sigmoid().cpu()
+        boxes = box_convert(out["boxes"].float().cpu() * size, "cxcywh", "xyxy")  # input pixels
+        src = _to_source(boxes.view(len(boxes), -1, 2), t).view_as(boxes)
+        for i in range(len(scores)):
+            top = scores[i].topk(min(max_dets, scores.shape[1])).indices
+            b = src[i, top]
+            images.append({"dt_boxes": torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1).numpy(),
+                           "dt_scores": scores[i, top].numpy(), "gt_boxes": np.asarray(t["src_boxes"][i]).reshape(-1, 4),
+                           "ignore": np.asarray(t["src_ignore"][i]).reshape(-1, 4)})
+    images = _gather(images)
+    model.train(was)
+    if not images:
+        return {"AP50": 0.0, "samples": 0}
+    res = detection_metrics(images)
+    return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))} | {"samples": len(images)}
+
+
+__all__ = ["evaluate_attributes", "evaluate_detection", "evaluate_parsing", "evaluate_pose", "evaluate_reid_queries"]

@@ -1,0 +1,242 @@
+"""Human-centric samples → tensors for training and evaluation (UniHCP's tasks), with the geometric
+augmentation applied to the image and its targets alike.
+
+``decode_human_sample(sample, cfg, train)`` is what the shard reader's decoder calls when
+``data.human`` is set. Every kind is letterboxed to a ``data.image_size`` square (aspect kept, the rest
+black), so one affine map ``x' = s·x + o`` takes source pixels to input pixels; training adds a scale
+jitter (×0.75-1.25 about the centre, as UniHCP's pose/parsing pipelines) and a horizontal flip (p =
+``data.augment.hflip``) that also swaps left/right keypoints and parsing classes (pairs from the
+manifest's names). Random numbers come from Python's / numpy's global generators, which the reader
+reseeds per sample from its position in the stream, so augmentation is exact across resumes.
+
+Output ``{"key", "image": (3, S, S) float normalised, "targets": {...}}``; the targets per kind:
+
+| kind | targets |
+|---|---|
+| pose | ``keypoints`` (K, 3) input pixels + v (0 after leaving the image), ``src_keypoints`` (K, 3), ``box`` (4,) xywh source, ``area`` |
+| parsing | ``label_map`` (S, S) long, 255 = ignore (padding included) |
+| attributes | ``attributes`` (A,) long: 1 / 0 / -1 |
+| reid | ``label`` (training id index, -1 off the training split), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery) |
+| detection | ``boxes`` (N, 4) xyxy input pixels, ``ignore`` (M, 4) xyxy input pixels, ``src_boxes``, ``src_ignore`` (xywh source) |
+
+plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kind``. ``collate_targets``
+stacks equal-shape tensors and keeps the rest (boxes of several people) as lists.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from foundation.config import DataConfig
+from foundation.data.humans import COCO_KEYPOINTS, REID_SPLITS, SEG_KEY, TASK_KINDS, flip_pairs
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALE_JITTER = (0.75, 1.25)
+
+
+class HumanDecodeError(ValueError):
+    """A human-centric sample that cannot become training targets (the reader counts and skips it)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _manifest_task(url: str) -> dict:
+    from foundation.data.shards import read_manifest
+
+    try:
+        manifest = read_manifest(url) if url else None
+    except Exception:  # an unreadable manifest: fall back to what the sample shows
+        manifest = None
+    return dict((manifest or {}).get("human_task") or {})
+
+
+def _kind(sample: dict, info: dict) -> str:
+    kind = info.get("kind")
+    if kind in TASK_KINDS:
+        return kind
+    if SEG_KEY in sample:
+        return "parsing"
+    labels = _labels(sample)
+    for key, k in (("keypoints", "pose"), ("attributes", "attributes"), ("pid", "reid"), ("boxes", "detection")):
+        if key in labels:
+            return k
+    raise HumanDecodeError("not a human-centric sample (no seg.png, keypoints, attributes, pid or boxes)")
+
+
+def _labels(sample: dict) -> dict:
+    raw = sample.get("json")
+    if raw is None:
+        raise HumanDecodeError("no json entry with the labels")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HumanDecodeError(f"unreadable JSON: {e}") from None
+
+
+def _image(sample: dict, keys: list[str]) -> Image.Image:
+    for k in keys:
+        if k in sample:
+            try:
+                with Image.open(io.BytesIO(sample[k])) as img:
+                    return img.convert("RGB")
+            except Exception as e:  # PIL raises many types
+                raise HumanDecodeError(f"corrupt image: {type(e).__name__}: {e}") from None
+    raise HumanDecodeError(f"no image (looked for {';'.join(keys)})")
+
+
+def _affine(w: int, h: int, size: int, train: bool) -> tuple[float, np.ndarray]:
+    """Letterbox (w, h) into size × size, with a random scale about the centre when training."""
+    s = size / max(w, h)
+    if train:
+        s *= random.uniform(*SCALE_JITTER)
+    offset = np.array([(size - s * w) / 2, (size - s * h) / 2], np.float64)
+    return s, offset
+
+
+def _warp(img: Image.Image, s: float, offset: np.ndarray, size: int, resample, fill) -> Image.Image:
+    # PIL's affine maps output pixels to input pixels: x_in = (x_out - o) / s
+    return img.transform((size, size), Image.Transform.AFFINE, (1 / s, 0, -offset[0] / s, 0, 1 / s, -offset[1] / s),
+                         resample=resample, fillcolor=fill)
+
+
+def _normalise(img: Image.Image, cfg: DataConfig) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(cfg.mean or IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(cfg.std or IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def _xywh_to_xyxy(b: np.ndarray) -> np.ndarray:
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+
+def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
+    """One raw sample → ``{"key", "image", "targets"}`` (see the module docstring); ``HumanDecodeError`` on bad input."""
+    info = _manifest_task(str(sample.get("__url__", "")))
+    kind = _kind(sample, info)
+    size = cfg.image_size
+    img = _image(sample, [k for k in cfg.image_key.split(";") if k])
+    w, h = img.size
+    s, offset = _affine(w, h, size, train)
+    flip = train and random.random() < cfg.augment.hflip
+    bilinear = Image.Resampling.BILINEAR
+    out_img = _warp(img, s, offset, size, bilinear, (0, 0, 0))
+    targets: dict = {"kind": kind, "scale": torch.tensor(s, dtype=torch.float32),
+                     "offset": torch.tensor(offset, dtype=torch.float32), "size": torch.tensor([h, w])}
+
+    def fwd(xy: np.ndarray) -> np.ndarray:  # source pixels -> input pixels (before the flip)
+        return xy * s + offset
+
+    if kind == "pose":
+        labels = _labels(sample)
+        kps = np.asarray(labels.get("keypoints", []), np.float64).reshape(-1, 3)
+        if not len(kps):
+            raise HumanDecodeError("pose sample without keypoints")
+        box = np.asarray(labels.get("box", [0, 0, w, h]), np.float64).reshape(4)
+        out = kps.copy()
+        out[:, :2] = fwd(kps[:, :2]) + 0.5 * s - 0.5  # pixel centres
+        if flip:
+            out[:, 0] = size - 1 - out[:, 0]
+            pairs = info.get("flip_pairs") or (flip_pairs(COCO_KEYPOINTS) if len(kps) == 17 else [])
+            for a, b in pairs:
+                out[[a, b]] = out[[b, a]]
+        inside = (out[:, 0] >= 0) & (out[:, 0] < size) & (out[:, 1] >= 0) & (out[:, 1] < size)
+        out[~inside, 2] = 0
+        targets.update(keypoints=torch.tensor(out, dtype=torch.float32),
+                       src_keypoints=torch.tensor(kps, dtype=torch.float32),
+                       box=torch.tensor(box, dtype=torch.float32),
+                       area=torch.tensor(float(labels.get("area") or box[2] * box[3]), dtype=torch.float32))
+    elif kind == "parsing":
+        if SEG_KEY not in sample:
+            raise HumanDecodeError(f"no {SEG_KEY} label map")
+        try:
+            with Image.open(io.BytesIO(sample[SEG_KEY])) as seg:
+                if seg.mode not in ("L", "P"):
+                    raise HumanDecodeError(f"label map mode {seg.mode}, expected one channel")
+                seg = seg.copy()
+        except HumanDecodeError:
+            raise
+        except Exception as e:
+            raise HumanDecodeError(f"corrupt label map: {type(e).__name__}: {e}") from None
+        if seg.size != (w, h):
+            raise HumanDecodeError(f"label map {seg.size} != image {(w, h)}")
+        lab = np.asarray(_warp(seg.convert("L"), s, offset, size, Image.Resampling.NEAREST, 255), np.int64)
+        if flip:
+            lab = lab[:, ::-1].copy()
+            swapped = lab.copy()
+            for a, b in flip_pairs(info.get("class_names") or []):
+                swapped[lab == a], swapped[lab == b] = b, a
+            lab = swapped
+        targets["label_map"] = torch.from_numpy(lab)
+    elif kind == "attributes":
+        attrs = np.asarray(_labels(sample).get("attributes", []), np.int64)
+        if attrs.ndim != 1 or not len(attrs) or not np.isin(attrs, (-1, 0, 1)).all():
+            raise HumanDecodeError("attributes must be a list of 1 / 0 / -1")
+        targets["attributes"] = torch.from_numpy(attrs)
+    elif kind == "reid":
+        labels = _labels(sample)
+        split = str(labels.get("split", "train"))
+        if split not in REID_SPLITS:
+            raise HumanDecodeError(f"reid split {split!r} is not one of {REID_SPLITS}")
+        cls = sample.get("cls")
+        label = int(cls.decode().strip()) if cls is not None else -1
+        if train and label < 0:
+            raise HumanDecodeError("reid training sample without its id index (cls)")
+        targets.update(label=torch.tensor(label), pid=torch.tensor(int(labels.get("pid", -1))),
+                       camid=torch.tensor(int(labels.get("camid", 0))), split=torch.tensor(REID_SPLITS.index(split)))
+    elif kind == "detection":
+        labels = _labels(sample)
+        src_boxes = np.asarray(labels.get("boxes") or [], np.float64).reshape(-1, 4)
+        src_ignore = np.asarray(labels.get("ignore") or [], np.float64).reshape(-1, 4)
+        if (src_boxes[:, 2:] < 0).any():
+            raise HumanDecodeError("a box with a negative size")
+
+        def place(b: np.ndarray) -> np.ndarray:
+            xyxy = _xywh_to_xyxy(b)
+            xyxy = np.concatenate([fwd(xyxy[:, :2]), fwd(xyxy[:, 2:])], 1)
+            if flip:
+                xyxy = np.stack([size - xyxy[:, 2], xyxy[:, 1], size - xyxy[:, 0], xyxy[:, 3]], 1)
+            return np.clip(xyxy, 0, size)
+
+        boxes, ignore = place(src_boxes), place(src_ignore)
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1) & ((boxes[:, 3] - boxes[:, 1]) > 1)
+        targets.update(boxes=torch.tensor(boxes[keep], dtype=torch.float32).reshape(-1, 4),
+                       ignore=torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
+                       src_boxes=torch.tensor(src_boxes, dtype=torch.float32).reshape(-1, 4),
+                       src_ignore=torch.tensor(src_ignore, dtype=torch.float32).reshape(-1, 4))
+    if flip:
+        out_img = out_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return {"key": sample.get("__key__", ""), "image": _normalise(out_img, cfg), "targets": targets}
+
+
+def letterbox_image(img: Image.Image, cfg: DataConfig) -> tuple[torch.Tensor, float, np.ndarray]:
+    """An image as evaluation sees it: letterboxed to ``data.image_size`` and normalised, (3, S, S), with the
+    scale and offset that map source pixels to input pixels (``foundation predict``)."""
+    img = img.convert("RGB")
+    s, offset = _affine(img.width, img.height, cfg.image_size, train=False)
+    return _normalise(_warp(img, s, offset, cfg.image_size, Image.Resampling.BILINEAR, (0, 0, 0)), cfg), s, offset
+
+
+def collate_targets(items: list[dict]) -> dict:
+    """Per-sample target dicts → one dict: equal-shape tensors stacked, others (boxes) kept as lists."""
+    out: dict = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], str):
+            out[key] = values[0] if len(set(values)) == 1 else values
+        else:
+            out[key] = values
+    return out
+
+
+__all__ = ["HumanDecodeError", "collate_targets", "decode_human_sample", "letterbox_image"]

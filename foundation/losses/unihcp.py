@@ -1,0 +1,230 @@
+"""UniHCP's losses (Ci et al., CVPR 2023, and its released code), one function per task, plus target
+building and the Hungarian matcher of pedestrian detection.
+
+- pose: MSE between predicted and Gaussian target heatmaps × the joints' target weights (SimpleBaseline's
+  ``JointsMSELoss``), plus BCE on each joint's visibility logit;
+- parsing: per-class sigmoid cross-entropy and dice on sampled points (Mask2Former's point losses) plus a
+  BCE on whether each class occurs in the image;
+- attributes: BCE weighted by the positive ratios (``exp(1 - r)`` for positives, ``exp(r)`` for
+  negatives: "Rethinking of PAR"'s weighted sigmoid CE), unknown (-1) entries masked; summed over
+  attributes, averaged over images;
+- ReID: identity cross-entropy + batch-hard triplet with a soft margin (Hermans et al. 2017);
+- detection: Hungarian matching (``scipy.optimize.linear_sum_assignment``) on focal + L1 + GIoU costs,
+  then sigmoid focal loss on every query (those unmatched inside an ignore region excepted), L1 and GIoU
+  on the matched (Deformable DETR's recipe; weights 2 / 5 / 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+# --------------------------------------------------------------------------------------------------
+# pose
+
+
+def heatmap_targets(keypoints: Tensor, size: tuple[int, int], stride: float, sigma: float) -> tuple[Tensor, Tensor]:
+    """Gaussian heatmaps (B, K, h, w) of keypoints (B, K, 3) [x, y, v] in input pixels at ``stride``, and
+    target weights (B, K): 1 for labelled joints (v > 0) inside the map."""
+    h, w = size
+    xy = keypoints[..., :2] / stride  # heatmap pixels (centre of input pixel i maps to i / stride)
+    ys = torch.arange(h, device=keypoints.device, dtype=xy.dtype)
+    xs = torch.arange(w, device=keypoints.device, dtype=xy.dtype)
+    gx = torch.exp(-((xs - xy[..., 0:1]) ** 2) / (2 * sigma**2))  # (B, K, w)
+    gy = torch.exp(-((ys - xy[..., 1:2]) ** 2) / (2 * sigma**2))  # (B, K, h)
+    maps = gy[..., :, None] * gx[..., None, :]
+    inside = (xy[..., 0] >= 0) & (xy[..., 0] <= w - 1) & (xy[..., 1] >= 0) & (xy[..., 1] <= h - 1)
+    weight = ((keypoints[..., 2] > 0) & inside).to(maps.dtype)
+    return maps * weight[..., None, None], weight
+
+
+def pose_loss(maps: Tensor, vis_logits: Tensor, target: Tensor, weight: Tensor, mse_scale: float = 1.0,
+              vis_weight: float = 1.0) -> dict[str, Tensor]:
+    """``mse``: mean over (B, K) of 0.5·mean_pixels((weight·(pred - target))²) × ``mse_scale`` (JointsMSELoss);
+    ``vis``: BCE of the visibility logits (B, K) against ``weight``."""
+    w = weight[..., None, None]
+    mse = 0.5 * ((maps * w - target * w) ** 2).mean(dim=(-2, -1)).mean() * mse_scale
+    vis = F.binary_cross_entropy_with_logits(vis_logits, weight)
+    return {"mse": mse, "vis": vis_weight * vis}
+
+
+def heatmap_peaks(maps: Tensor, stride: float) -> tuple[Tensor, Tensor]:
+    """Peak of each heatmap (B, K, h, w) → input-pixel coordinates (B, K, 2) with the quarter-pixel shift
+    toward the higher neighbour (SimpleBaseline), and the peak values (B, K)."""
+    b, k, h, w = maps.shape
+    flat = maps.flatten(2)
+    val, idx = flat.max(-1)
+    x, y = (idx % w).float(), (idx // w).float()
+    xi, yi = x.long(), y.long()
+    pad = F.pad(maps, (1, 1, 1, 1), mode="replicate")
+    bi, ki = torch.meshgrid(torch.arange(b), torch.arange(k), indexing="ij")
+    dx = pad[bi, ki, yi + 1, xi + 2] - pad[bi, ki, yi + 1, xi]
+    dy = pad[bi, ki, yi + 2, xi + 1] - pad[bi, ki, yi, xi + 1]
+    x = x + 0.25 * torch.sign(dx)
+    y = y + 0.25 * torch.sign(dy)
+    return torch.stack([x, y], -1) * stride, val
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing
+
+
+def dice_loss(probs: Tensor, targets: Tensor) -> Tensor:
+    """1 - (2·Σpt + 1) / (Σp + Σt + 1) per row (N, P) → (N,)."""
+    num = 2 * (probs * targets).sum(-1) + 1
+    den = probs.sum(-1) + targets.sum(-1) + 1
+    return 1 - num / den
+
+
+def parsing_loss(class_logits: Tensor, mask_logits: Tensor, label_map: Tensor, num_points: int,
+                 ignore_index: int = 255, mask_weight: float = 5.0, dice_weight: float = 5.0,
+                 presence_weight: float = 2.0, points: Tensor | None = None) -> dict[str, Tensor]:
+    """Class queries' masks (B, C, h, w) against a label map (B, H, W) on ``num_points`` points per image
+    (uniform in [0, 1]², or ``points`` (B, P, 2) [x, y]): sigmoid CE over every class and valid point, dice
+    over the classes present, BCE of the class logits (B, C) on presence."""
+    b, c = class_logits.shape
+    if points is None:
+        points = torch.rand(b, num_points, 2, device=mask_logits.device)
+    grid = points[:, None] * 2 - 1  # (B, 1, P, 2) in [-1, 1], align_corners=False
+    logits = F.grid_sample(mask_logits.float(), grid.to(mask_logits.device), align_corners=False).squeeze(2)  # (B, C, P)
+    labels = F.grid_sample(label_map[:, None].float(), grid.to(label_map.device), mode="nearest",
+                           align_corners=False).squeeze(1).squeeze(1).long()  # (B, P)
+    valid = labels != ignore_index
+    onehot = (labels[:, None] == torch.arange(c, device=labels.device)[None, :, None]).float()  # (B, C, P)
+    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * valid[:, None]
+    ce = ce.sum() / (valid.sum() * c).clamp(min=1)
+    present = torch.zeros(b, c, device=label_map.device)
+    for i in range(b):
+        seen = label_map[i].unique()
+        seen = seen[seen != ignore_index]
+        present[i, seen.long()] = 1.0
+    probs = logits.sigmoid() * valid[:, None]
+    dice = dice_loss(probs.flatten(0, 1), (onehot * valid[:, None]).flatten(0, 1)).view(b, c)
+    dice = (dice * present).sum() / present.sum().clamp(min=1)
+    presence = F.binary_cross_entropy_with_logits(class_logits.float(), present)
+    return {"mask": mask_weight * ce, "dice": dice_weight * dice, "presence": presence_weight * presence}
+
+
+def parsing_prediction(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-pixel class: argmax over classes of sigmoid(class) · sigmoid(mask); (B, C, h, w) → (B, h, w)."""
+    return (class_logits.sigmoid()[..., None, None] * mask_logits.sigmoid()).argmax(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# attributes
+
+
+def attribute_loss(logits: Tensor, targets: Tensor, pos_ratio: Tensor) -> Tensor:
+    """Weighted sigmoid CE (B, A): positives × exp(1 - r), negatives × exp(r), -1 entries masked; summed
+    over attributes, averaged over the batch."""
+    known = (targets >= 0).float()
+    t = targets.clamp(min=0).float()
+    r = pos_ratio.to(logits)
+    weight = torch.where(t > 0, torch.exp(1 - r), torch.exp(r)) * known
+    bce = F.binary_cross_entropy_with_logits(logits.float(), t, weight=weight, reduction="none")
+    return bce.sum() / logits.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# ReID
+
+
+def batch_hard_triplet(features: Tensor, labels: Tensor) -> Tensor:
+    """Soft-margin batch-hard triplet: mean over anchors with a positive and a negative of
+    softplus(max d(a, p) - min d(a, n)), Euclidean distances."""
+    d = torch.cdist(features.float(), features.float())  # (B, B)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos, neg = same & ~eye, ~same
+    usable = pos.any(1) & neg.any(1)
+    if not usable.any():
+        return features.sum() * 0.0
+    hardest_pos = torch.where(pos, d, torch.full_like(d, -1e9)).max(1).values
+    hardest_neg = torch.where(neg, d, torch.full_like(d, 1e9)).min(1).values
+    return F.softplus(hardest_pos - hardest_neg)[usable].mean()
+
+
+def reid_loss(logits: Tensor, features: Tensor, labels: Tensor, triplet_weight: float = 1.0) -> dict[str, Tensor]:
+    return {"ce": F.cross_entropy(logits.float(), labels), "triplet": triplet_weight * batch_hard_triplet(features, labels)}
+
+
+# --------------------------------------------------------------------------------------------------
+# detection
+
+
+def focal_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Deformable DETR's classification cost of calling each query a person: (Q,)."""
+    p = logits.sigmoid()
+    pos = alpha * (1 - p) ** gamma * -(p + 1e-8).log()
+    neg = (1 - alpha) * p**gamma * -(1 - p + 1e-8).log()
+    return pos - neg
+
+
+@torch.no_grad()
+def match_cost(logits: Tensor, boxes: Tensor, gt: Tensor, cost_class: float, cost_bbox: float, cost_giou: float,
+               alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Cost matrix (Q, G): ``cost_class``·focal + ``cost_bbox``·L1(cxcywh) - ``cost_giou``·GIoU."""
+    c_cls = focal_cost(logits, alpha, gamma)[:, None]
+    c_l1 = torch.cdist(boxes.float(), gt.float(), p=1)
+    c_giou = -generalized_box_iou(box_convert(boxes.float(), "cxcywh", "xyxy"), box_convert(gt.float(), "cxcywh", "xyxy"))
+    return cost_class * c_cls + cost_bbox * c_l1 + cost_giou * c_giou
+
+
+def hungarian_match(cost: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost one-to-one assignment (rows = queries, cols = ground truth) by scipy."""
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    return rows, cols
+
+
+def _ioa(boxes: Tensor, regions: Tensor) -> Tensor:
+    """Intersection over the box's own area (Q, M), xyxy."""
+    lt = torch.max(boxes[:, None, :2], regions[None, :, :2])
+    rb = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-9).prod(-1)
+    return inter / area[:, None]
+
+
+def detection_loss(logits: Tensor, boxes: Tensor, gt_boxes: list[Tensor], ignore: list[Tensor], *,
+                   cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25,
+                   gamma: float = 2.0, ioa_threshold: float = 0.5) -> dict[str, Tensor]:
+    """``logits`` (B, Q), ``boxes`` (B, Q, 4) normalised cxcywh; per image ``gt_boxes`` (G, 4) and ``ignore``
+    (M, 4) normalised xyxy. Returns ``focal`` / ``l1`` / ``giou`` already weighted (2 / 5 / 2), each
+    normalised by the number of ground-truth boxes."""
+    b, q = logits.shape
+    targets = torch.zeros_like(logits, dtype=torch.float32)
+    weights = torch.ones_like(targets)
+    src, tgt = [], []
+    for i in range(b):
+        gt = box_convert(gt_boxes[i].to(boxes), "xyxy", "cxcywh")
+        matched = torch.zeros(q, dtype=torch.bool, device=logits.device)
+        if len(gt):
+            rows, cols = hungarian_match(match_cost(logits[i], boxes[i], gt, cost_class, cost_bbox, cost_giou,
+                                                    alpha, gamma))
+            rows_t = torch.as_tensor(rows, device=logits.device)
+            targets[i, rows_t] = 1.0
+            matched[rows_t] = True
+            src.append(boxes[i, rows_t])
+            tgt.append(gt[torch.as_tensor(cols, device=logits.device)])
+        if len(ignore[i]):
+            pred = box_convert(boxes[i].detach().float(), "cxcywh", "xyxy")
+            inside = (_ioa(pred, ignore[i].to(pred)) > ioa_threshold).any(1)
+            weights[i, inside & ~matched] = 0.0  # neither person nor background: the crowd rule
+    n = max(float(sum(len(g) for g in gt_boxes)), 1.0)
+    focal = (sigmoid_focal_loss(logits.float(), targets, alpha=alpha, gamma=gamma, reduction="none") * weights).sum() / n
+    if src:
+        s, t = torch.cat(src).float(), torch.cat(tgt).float()
+        l1 = F.l1_loss(s, t, reduction="sum") / n
+        giou = (1 - torch.diag(generalized_box_iou(box_convert(s, "cxcywh", "xyxy"), box_convert(t, "cxcywh", "xyxy")))).sum() / n
+    else:
+        l1 = giou = boxes.sum() * 0.0
+    return {"focal": cost_class * focal, "l1": cost_bbox * l1, "giou": cost_giou * giou}
+
+
+__all__ = ["attribute_loss", "batch_hard_triplet", "detection_loss", "dice_loss", "focal_cost", "heatmap_peaks",
+           "heatmap_targets", "hungarian_match", "match_cost", "parsing_loss", "parsing_prediction", "pose_loss",
+           "reid_loss"]

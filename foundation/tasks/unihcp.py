@@ -1,0 +1,250 @@
+"""UniHCP's five tasks (Ci et al., CVPR 2023): pose, parsing, attributes, ReID, pedestrian detection.
+
+Each task is a ``UniHCPNet`` (foundation/models/unihcp.py) plus its targets and losses
+(foundation/losses/unihcp.py). In a multi-task recipe every ``unihcp_*`` task reaches the shared ViT and
+the shared neck + decoder + interpreter units (``MultiTask.shared["unihcp"]``, built by the first
+UniHCP task with its ``task.unihcp`` sizes; the others must agree) through ``SharedBackbone``
+references, so the only parameters a task owns are its queries (and detection's box MLP, ReID's
+BN + classifier). A single-task recipe builds its own encoder and decoder (fine-tuning one task).
+
+Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, S, S) and
+``targets`` (foundation/data/human_transforms.py). The loss sums every decoder layer's loss (deep
+supervision); the logged terms are the last layer's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from foundation.config import DataConfig, ModelConfig, RecipeError, TaskConfig, UniHCPConfig
+from foundation.losses.unihcp import (
+    attribute_loss, detection_loss, heatmap_targets, parsing_loss, pose_loss, reid_loss,
+)
+from foundation.models.heads import SharedBackbone
+from foundation.models.unihcp import UniHCPNet, UniHCPShared
+
+SHARED_KEY = "unihcp"
+DECODER_FIELDS = ("width", "layers", "heads", "ffn", "dropout")
+
+
+def _human_task(data: DataConfig) -> dict:
+    from foundation.data.humans import task_info
+    from foundation.data.shards import read_manifest
+
+    spec = (data.train or data.val or "").split("::")[0]
+    manifest = read_manifest(spec) if spec else None
+    if manifest is None:
+        raise RecipeError(f"data.train {spec!r}: no manifest.json next to the shards; UniHCP tasks read their "
+                          "vocabulary (joints, classes, attributes, ids) from it")
+    return task_info(manifest)
+
+
+def _encoder_width(encoder: nn.Module) -> int:
+    if not hasattr(encoder, "forward_features") or not hasattr(encoder, "patch_embed"):
+        raise RecipeError(f"model.backbone: UniHCP needs a plain ViT (timm VisionTransformer with patch_embed); got "
+                          f"{type(encoder).__name__}")
+    return int(getattr(encoder, "embed_dim", None) or encoder.num_features)
+
+
+class UniHCPTask(nn.Module):
+    """One UniHCP task: ``self.model`` the network, ``forward(batch) -> {"loss", <terms>}``."""
+
+    kind = ""
+    backbone_name = "model.encoder"  # model.init part=backbone and layer decay: the ViT
+
+    def __init__(self, model: UniHCPNet, cfg: UniHCPConfig, meta: dict):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.meta = meta  # the manifest's human_task entry (names, skeleton, ...)
+
+    @classmethod
+    def shared_parts(cls, model_cfg: ModelConfig, backbone: nn.Module) -> dict:
+        """UniHCP's shared decoder is sized by ``task.unihcp``, which this hook does not see: ``build`` makes
+        it once under ``shared["unihcp"]`` (declaring the hook is what passes ``shared=`` to ``build``)."""
+        return {}
+
+    @classmethod
+    def num_queries(cls, cfg: UniHCPConfig, meta: dict) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, model: ModelConfig, task: TaskConfig, data: DataConfig, backbone: nn.Module | None = None,
+              shared: dict | None = None) -> UniHCPTask:
+        from foundation.models.factory import create_backbone
+
+        if not data.human:
+            raise RecipeError(f"task {task.name}: set data.human: true (UniHCP reads human-centric targets)")
+        cfg = task.unihcp
+        meta = _human_task(data)
+        if meta.get("kind") != cls.kind:
+            raise RecipeError(f"task {task.name}: data.train holds {meta.get('kind')!r} shards, expected {cls.kind!r}")
+        own = backbone is None
+        encoder = create_backbone(model.model_copy(update={"num_classes": 0}), in_chans=data.in_chans) if own else backbone
+        width = _encoder_width(encoder)
+        if cfg.grad_checkpointing:
+            encoder.set_grad_checkpointing(True)
+        sizes = {f: getattr(cfg, f) for f in DECODER_FIELDS}
+        if own:
+            decoder: nn.Module = UniHCPShared(width, **sizes)
+        else:
+            if shared is None:
+                raise RecipeError("UniHCP tasks on a shared backbone need the multi-task builder's shared parts")
+            if SHARED_KEY not in shared:
+                shared[SHARED_KEY] = UniHCPShared(width, **sizes)
+                shared[SHARED_KEY].sizes = sizes
+            elif shared[SHARED_KEY].sizes != sizes:
+                raise RecipeError(f"tasks.*.task.unihcp: the UniHCP tasks share one decoder and must agree on "
+                                  f"{DECODER_FIELDS}; {task.name} asks {sizes}, another {shared[SHARED_KEY].sizes}")
+            decoder = SharedBackbone(shared[SHARED_KEY])
+            encoder = SharedBackbone(encoder)
+        num_ids = int((meta.get("num_ids") or {}).get("train", 0)) if cls.kind == "reid" else 0
+        net = UniHCPNet(cls.kind, encoder, decoder, cls.num_queries(cfg, meta), num_ids=num_ids,
+                        det_patterns=cfg.det_patterns, deep_supervision=cfg.deep_supervision)
+        return cls(net, cfg, meta)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        outputs = self.model(batch["image"])  # one dict per supervised decoder layer
+        targets = self.prepare(batch, outputs[-1])
+        total, terms = None, {}
+        for out in outputs:
+            terms = self.layer_loss(out, targets)
+            layer = sum(terms.values())
+            total = layer if total is None else total + layer
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+
+    def prepare(self, batch: dict, out: dict[str, Tensor]) -> dict:
+        """Targets shared by every layer's loss (built once per step); ``out`` is the last layer's output."""
+        return batch["targets"]
+
+    def layer_loss(self, out: dict[str, Tensor], targets: dict) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+
+class UniHCPPose(UniHCPTask):
+    """One query per joint: a heatmap from the feature unit, a visibility logit from the class unit."""
+
+    kind = "pose"
+    default_evals = ("unihcp_pose",)
+
+    @classmethod
+    def num_queries(cls, cfg, meta):
+        return len(meta["keypoint_names"])
+
+    def prepare(self, batch, out):
+        h, w = out["maps"].shape[-2:]  # stride 4 with 16-px patches
+        maps, weight = heatmap_targets(batch["targets"]["keypoints"], (h, w), batch["image"].shape[-1] / w,
+                                       self.cfg.heatmap_sigma)
+        return {"maps": maps, "weight": weight}
+
+    def layer_loss(self, out, targets):
+        return pose_loss(out["maps"].float(), out["logits"].float(), targets["maps"], targets["weight"],
+                         self.cfg.pose_mse_scale, self.cfg.pose_vis_weight)
+
+
+class UniHCPParsing(UniHCPTask):
+    """One query per class: a mask from the feature unit, a presence logit from the class unit."""
+
+    kind = "parsing"
+    default_evals = ("unihcp_parsing",)
+
+    @classmethod
+    def num_queries(cls, cfg, meta):
+        return len(meta["class_names"])
+
+    def prepare(self, batch, out):
+        label_map = batch["targets"]["label_map"]
+        # the same points for every layer (Mask2Former samples per layer; one draw keeps the step cheaper)
+        points = torch.rand(label_map.shape[0], self.cfg.dice_points, 2, device=label_map.device)
+        return {"label_map": label_map, "points": points}
+
+    def layer_loss(self, out, targets):
+        c = self.cfg
+        return parsing_loss(out["logits"], out["maps"], targets["label_map"], c.dice_points,
+                            int(self.meta.get("ignore_index", 255)), c.mask_weight, c.dice_weight, c.presence_weight,
+                            points=targets["points"])
+
+
+class UniHCPAttributes(UniHCPTask):
+    """One query per attribute; its class-unit logit is the attribute's."""
+
+    kind = "attributes"
+    default_evals = ("unihcp_attributes",)
+
+    def __init__(self, model, cfg, meta):
+        super().__init__(model, cfg, meta)
+        a = len(meta["attribute_names"])
+        if cfg.attr_pos_ratios is not None and len(cfg.attr_pos_ratios) != a:
+            raise RecipeError(f"task.unihcp.attr_pos_ratios: {len(cfg.attr_pos_ratios)} values for {a} attributes")
+        # positives / labelled entries seen so far (the dataset's ratios when attr_pos_ratios is unset)
+        self.register_buffer("attr_counts", torch.zeros(2, a, dtype=torch.float64))
+
+    @classmethod
+    def num_queries(cls, cfg, meta):
+        return len(meta["attribute_names"])
+
+    def prepare(self, batch, out):
+        attrs = batch["targets"]["attributes"]
+        if self.cfg.attr_pos_ratios is not None:
+            ratio = torch.tensor(self.cfg.attr_pos_ratios, device=attrs.device)
+        else:
+            if self.training:
+                self.attr_counts[0] += (attrs == 1).sum(0).to(self.attr_counts)
+                self.attr_counts[1] += (attrs >= 0).sum(0).to(self.attr_counts)
+            ratio = ((self.attr_counts[0] + 1) / (self.attr_counts[1] + 2)).float()
+        return {"attributes": attrs, "ratio": ratio}
+
+    def layer_loss(self, out, targets):
+        return {"bce": attribute_loss(out["logits"], targets["attributes"], targets["ratio"])}
+
+
+class UniHCPReID(UniHCPTask):
+    """``reid_queries`` queries; their outputs concatenated are the feature (triplet; L2-normalised for
+    retrieval), BN → classifier gives the identity logits (CE)."""
+
+    kind = "reid"
+    default_evals = ("unihcp_reid",)
+
+    @classmethod
+    def num_queries(cls, cfg, meta):
+        return cfg.reid_queries
+
+    def layer_loss(self, out, targets):
+        return reid_loss(out["logits"], out["feature"], targets["label"], self.cfg.triplet_weight)
+
+
+class UniHCPDetection(UniHCPTask):
+    """``det_patterns`` × ``det_anchors`` anchor queries; class unit → person score, box MLP → box."""
+
+    kind = "detection"
+    default_evals = ("unihcp_detection",)
+
+    @classmethod
+    def num_queries(cls, cfg, meta):
+        return cfg.det_anchors
+
+    def prepare(self, batch, out):
+        t, size = batch["targets"], float(batch["image"].shape[-1])
+        dev = batch["image"].device
+        return {"boxes": [b.to(dev) / size for b in t["boxes"]], "ignore": [b.to(dev) / size for b in t["ignore"]]}
+
+    def layer_loss(self, out, targets):
+        c = self.cfg
+        return detection_loss(out["logits"], out["boxes"], targets["boxes"], targets["ignore"], cost_class=c.cost_class,
+                              cost_bbox=c.cost_bbox, cost_giou=c.cost_giou, alpha=c.focal_alpha, gamma=c.focal_gamma)
+
+
+UNIHCP_TASKS = {
+    "unihcp_pose": UniHCPPose,
+    "unihcp_parsing": UniHCPParsing,
+    "unihcp_attributes": UniHCPAttributes,
+    "unihcp_reid": UniHCPReID,
+    "unihcp_detection": UniHCPDetection,
+}
+
+__all__ = ["UNIHCP_TASKS", "UniHCPAttributes", "UniHCPDetection", "UniHCPParsing", "UniHCPPose", "UniHCPReID",
+           "UniHCPTask"]
