@@ -96,6 +96,15 @@ CASES = {
     "quantize: bad method": (
         ["quantize", "--checkpoint", "{cls}", "--data", "{digits}", "--method", "rtm", "--out", "{root}/q"],
         "method: unknown name 'rtm' (did you mean 'rtn'?)"),
+    "quantize: bits not a number": (
+        ["quantize", "--checkpoint", "{cls}", "--data", "{digits}", "--wbits", "four", "--abits", "8"],
+        "--wbits four --abits 8: bit widths are integers"),
+    "eval: --device that is not here": (  # no CUDA at all, or fewer than 100 GPUs
+        ["eval", "sysnoise", "--checkpoint", "{cls}", "--data", "{digits}", "--device", "cuda:99"],
+        "--device cuda:99: "),
+    "eval robustness: --device typo": (
+        ["eval", "robustness", "--checkpoint", "{cls}", "--data", "{digits}", "--device", "gpu"],
+        "--device gpu: not a device"),
     "quantize: bad bits": (
         ["quantize", "--checkpoint", "{cls}", "--data", "{digits}", "--wbits", "9", "--out", "{root}/q"], "wbits"),
     "report: missing run": (["report", "{root}/runs/nope"], "no such run directory"),
