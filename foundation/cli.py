@@ -1,4 +1,4 @@
-"""The ``foundation`` command: recipes | train | data | eval | export | quantize | report.
+"""The ``foundation`` command: recipes | train | data | eval | predict | export | quantize | report.
 
 Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
 and exit with code 2; anything else is a bug and shows its traceback.
@@ -109,6 +109,26 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return _run_eval(args, evaluate_retrieval, dual_encoder=True)
 
 
+def cmd_eval_unihcp(args: argparse.Namespace) -> int:
+    """``foundation eval unihcp_<task>``: one task of a UniHCP checkpoint with its human-centric metrics."""
+    from evaluation import EVALS
+
+    return _run_eval(args, EVALS[args.eval_command])
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from foundation.predict import PredictError, run_predict
+
+    try:
+        result = run_predict(args.checkpoint, args.image, args.task, args.out, args.device, args.score_threshold)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)} | {
+        k: sorted(v) for k, v in result.items() if isinstance(v, dict)}, indent=2))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from foundation.export import export_checkpoint
 
@@ -154,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("zeroshot", "zero-shot top-1/top-5 of a clip/declip checkpoint on classification shards (class names "
                      "from the manifest; single prompt and 80-prompt ensemble)", cmd_eval_zeroshot),
         ("retrieval", "image<->text recall@1/5/10 of a clip/declip checkpoint on caption shards", cmd_eval_retrieval),
+        ("unihcp_pose", "UniHCP pose: COCO keypoint AP/AR (OKS) on pose shards", cmd_eval_unihcp),
+        ("unihcp_parsing", "UniHCP parsing: mIoU, pixel accuracy on parsing shards", cmd_eval_unihcp),
+        ("unihcp_attributes", "UniHCP attributes: mA, instance accuracy/precision/recall/F1", cmd_eval_unihcp),
+        ("unihcp_reid", "UniHCP ReID: CMC rank-1/5/10, mAP (--data QUERY_SHARDS::GALLERY_SHARDS)", cmd_eval_unihcp),
+        ("unihcp_detection", "UniHCP detection: AP50, MR-2, JI with ignore regions", cmd_eval_unihcp),
     ):
         c = esub.add_parser(name, help=helptext)
         c.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
@@ -164,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--out", help="also write the JSON result here")
         c.add_argument("--task", help="which task of a multi-task run to evaluate (its head on the shared backbone)")
         c.set_defaults(func=func)
+    p = sub.add_parser("predict", help="run a UniHCP checkpoint on one image: PNG with skeleton, parsing, boxes, "
+                                       "attributes; JSON; ReID embedding (.npy)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--task", default="all", help="a task name of the run, or all (default)")
+    p.add_argument("--out", default="prediction", help="output directory")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--score-threshold", type=float, default=0.3, help="detection boxes drawn at or above this score")
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders) or timm (the vision tower)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
     p.add_argument("--format", required=True, choices=["open_clip", "timm"])

@@ -67,6 +67,9 @@ class DataConfig(Section):
     # one is skipped as bad input. None: what every source has (its manifest's keys, else its first samples)
     targets: list[Literal["label", "text"]] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # human-centric shards (manifest human_task): samples decode to the task's targets with geometric
+    # augmentation applied to image and targets alike (foundation/data/human_transforms.py; UniHCP tasks)
+    human: bool = False
 
     @model_validator(mode="after")
     def _weights_match_sources(self) -> DataConfig:
@@ -177,6 +180,37 @@ class DeclipConfig(Section):
     simsiam_pred_dim: int = Field(512, gt=0)  # ISS: predictor bottleneck width
 
 
+class UniHCPConfig(Section):
+    """UniHCP (Ci et al., CVPR 2023): shared neck + decoder + task-guided interpreter, task queries, losses.
+    Defaults are the paper's / released code's (ViT-B/16); tiny recipes override the sizes. Tasks unihcp_*."""
+
+    width: int = Field(256, gt=0)  # decoder width and neck channels
+    layers: int = Field(9, gt=0)  # decoder layers (each: cross-attention -> self-attention -> FFN)
+    heads: int = Field(8, gt=0)
+    ffn: int = Field(2048, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    deep_supervision: bool = True  # a loss on the prediction after every decoder layer
+    grad_checkpointing: bool = False  # the encoder's blocks (timm set_grad_checkpointing)
+    reid_queries: int = Field(6, gt=0)  # ReID feature = the concatenated outputs of these queries
+    det_anchors: int = Field(300, gt=0)  # detection: anchor points ...
+    det_patterns: int = Field(3, gt=0)  # ... times content queries per anchor
+    heatmap_sigma: float = Field(2.0, gt=0)  # pose: Gaussian sigma on the stride-4 heatmap
+    pose_vis_weight: float = Field(1.0, ge=0)  # pose: visibility BCE weight (heatmap MSE x 1)
+    pose_mse_scale: float = Field(1000.0, gt=0)  # pose: the released code scales the heatmap MSE up
+    dice_points: int = Field(12544, gt=0)  # parsing: points sampled for the mask losses (Mask2Former: 112*112)
+    mask_weight: float = Field(5.0, ge=0)  # parsing: sigmoid cross-entropy on the sampled points
+    dice_weight: float = Field(5.0, ge=0)
+    presence_weight: float = Field(2.0, ge=0)  # parsing: BCE on whether each class occurs
+    attr_pos_ratios: list[float] | None = None  # attributes: positive ratio per attribute; None: counted while training
+    triplet_weight: float = Field(1.0, ge=0)  # ReID: CE + this x batch-hard soft-margin triplet
+    reid_instances: int = Field(4, gt=0)  # ReID P x K: K images per identity in a batch (P = batch / K)
+    cost_class: float = Field(2.0, ge=0)  # detection: Hungarian costs and loss weights (focal / L1 / GIoU)
+    cost_bbox: float = Field(5.0, ge=0)
+    cost_giou: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+
+
 class TaskConfig(Section):
     """What is optimised. ``name`` is a key of ``foundation.tasks.TASKS``."""
 
@@ -185,6 +219,7 @@ class TaskConfig(Section):
     mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
     cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables
     declip: DeclipConfig = Field(default_factory=DeclipConfig)  # tasks clip/declip only
+    unihcp: UniHCPConfig = Field(default_factory=UniHCPConfig)  # tasks unihcp_* only
 
 
 

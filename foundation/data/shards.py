@@ -600,6 +600,13 @@ class _Decoder:
         self.transform = build_train_transform(cfg) if train else build_eval_transform(cfg)
 
     def __call__(self, sample: dict) -> dict:
+        if self.cfg.human:  # human-centric targets, augmented with the image (UniHCP)
+            from foundation.data.human_transforms import HumanDecodeError, decode_human_sample
+
+            try:
+                return decode_human_sample(sample, self.cfg, self.train)
+            except HumanDecodeError as e:
+                raise BadSample(str(e)) from None
         data = _first(sample, self.image_keys)
         if data is None:
             raise BadSample(f"no image (looked for {self.cfg.image_key})")
@@ -649,6 +656,10 @@ def _collate(items: list[dict], tokenizer: Tokenizer | None, eval_fields: bool) 
     batch: dict = {"image": default_collate([it["image"] for it in items])}
     if "image2" in items[0]:
         batch["image2"] = default_collate([it["image2"] for it in items])
+    if "targets" in items[0]:  # data.human
+        from foundation.data.human_transforms import collate_targets
+
+        batch["targets"] = collate_targets([it["targets"] for it in items])
     if "label" in items[0]:
         batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     if "text" in items[0]:

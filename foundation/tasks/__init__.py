@@ -11,11 +11,17 @@ from torch import nn
 from foundation.tasks.classification import ClassificationTask
 from foundation.tasks.clip import ClipTask, DeclipTask
 from foundation.tasks.multitask import MultiTask, loss_scales
+from foundation.tasks.unihcp import UniHCPAttributes, UniHCPDetection, UniHCPParsing, UniHCPPose, UniHCPReID
 
 TASKS = {
     "classification": ClassificationTask,
     "clip": ClipTask,
     "declip": DeclipTask,
+    "unihcp_pose": UniHCPPose,
+    "unihcp_parsing": UniHCPParsing,
+    "unihcp_attributes": UniHCPAttributes,
+    "unihcp_reid": UniHCPReID,
+    "unihcp_detection": UniHCPDetection,
 }
 
 
