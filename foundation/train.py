@@ -385,15 +385,30 @@ def build_streams(recipe: Recipe, task: nn.Module, info: DistInfo, groups: TaskG
 # one step
 
 
+def micro_batches(run: Run, step: int) -> Iterator[dict]:
+    """The step's ``train.grad_accum`` micro-batches. With several tasks and a backend that accumulates
+    gradients itself (single, DDP, groups), each task's batch is its own micro-batch: its graph is freed by
+    its backward before the next task's forward (the same gradient as one backward of the weighted sum,
+    with one task's activations in memory at a time). DeepSpeed counts micro-batches itself: there all
+    the step's tasks go through one forward."""
+    for _ in range(run.recipe.train.grad_accum):
+        batch = run.streams.next(step)
+        if run.recipe.tasks is None or run.engine.is_deepspeed:
+            yield batch
+        else:
+            yield from ({name: task_batch} for name, task_batch in batch.items())
+
+
 def forward_backward(run: Run, step: int) -> tuple[dict[str, torch.Tensor], bool, dict | None]:
     """``train.grad_accum`` micro-batches: fetch → forward → NaN/inf guard (all ranks agree) → backward.
     Returns the step's loss terms (averaged over micro-batches), whether it is dropped, and the bad terms."""
     engine, accum = run.engine, run.recipe.train.grad_accum
     terms: dict[str, torch.Tensor] = {}
     dropped, bad_terms = False, None
-    for micro in range(accum):
-        batch = to_device(run.streams.next(step), run.info.device)
-        with engine.accumulating(last=micro == accum - 1):
+    batches = list(micro_batches(run, step))
+    for micro, batch in enumerate(batches):
+        batch = to_device(batch, run.info.device)
+        with engine.accumulating(last=micro == len(batches) - 1):
             with engine.autocast():
                 out = engine(batch)
             finite = engine.all_true(bool(torch.isfinite(out["loss"]).all()))
@@ -401,7 +416,7 @@ def forward_backward(run: Run, step: int) -> tuple[dict[str, torch.Tensor], bool
                 dropped, bad_terms = True, out
             engine.backward(out["loss"] if finite else None, accum, drop_step=dropped)
         for k, v in out.items():
-            terms[k] = terms.get(k, 0.0) + v.detach().float() / accum
+            terms[k] = terms.get(k, 0.0) + v.detach().float() / accum  # each task's "loss" adds up to the sum
     return terms, dropped, bad_terms
 
 
