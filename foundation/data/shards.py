@@ -806,9 +806,16 @@ class _TrainStream(IterableDataset):
                                 "data.targets and data.*_key against `foundation data inspect`"
                             ) from None
                 batch = _collate(items, self.tokenizer, eval_fields=False)
+                if "label" in batch and info is not None:
+                    # every tensor a worker sends costs a file-descriptor hand-over; 64 ints travel cheaper as a list
+                    batch["label"] = batch["label"].tolist()
             batch["_meta"] = [worker, index, skipped, reporter.pop(), [src.state() for src in sources]]
             items = []
             yield batch
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 class TrainLoader:
@@ -835,6 +842,7 @@ class TrainLoader:
         self._loader = DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+            collate_fn=_as_is,  # batches are made in the stream; default_convert would walk every int of _meta
         )
         self._it: Iterator | None = None
 
@@ -846,6 +854,8 @@ class TrainLoader:
             self._it = iter(self._loader)
         batch = next(self._it)
         worker, raw, skipped, reports, states = batch.pop("_meta")
+        if isinstance(batch.get("label"), list):
+            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
         self._raw[worker], self._skipped[worker], self._states[worker] = raw, skipped, states
         self._next = (worker + 1) % self._logical
         self._batches += 1
