@@ -1,5 +1,12 @@
 """Tracking on rank 0: metrics.jsonl (always), W&B (online when logged in, else offline), console log,
-progress bar. Other ranks get a tracker that does nothing, so the loop never asks who it is."""
+progress bar. Other ranks get a tracker that does nothing, so the loop never asks who it is.
+
+W&B drops every ``log`` whose step is below the run's last one, and a resumed run logs again the steps
+between its checkpoint and the kill. So W&B's own step counts log calls over the run's whole life (the
+lines of ``metrics.jsonl``, which is only ever appended to, or the resumed W&B run's step when that is
+larger), and the training step travels as the metric ``train/step``, which every chart uses as its
+x-axis: after a resume the replayed steps appear a second time at the same ``train/step``, nothing is lost.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +64,14 @@ class Tracker:
         self.run_dir = run_dir
         self.wandb = wandb_run
         self.bar = bar
+        self._wandb_step = 0  # W&B's step: one per log call over the run's life, never going back
+        if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+            with open(run_dir / "metrics.jsonl", "rb") as f:
+                self._wandb_step = sum(1 for _ in f)
+        if wandb_run is not None:
+            self._wandb_step = max(self._wandb_step, int(getattr(wandb_run, "step", 0) or 0))
+            wandb_run.define_metric("train/step")
+            wandb_run.define_metric("*", step_metric="train/step")
         self._metrics = open(run_dir / "metrics.jsonl", "a") if run_dir else None
 
     @classmethod
@@ -73,7 +88,7 @@ class Tracker:
 
             run = wandb.init(
                 project=project, entity=entity, name=name, tags=tags, config=config, dir=str(run_dir),
-                mode=mode, id=wandb_id, resume="allow",
+                mode=mode, id=wandb_id, resume="allow", group=(config.get("logging") or {}).get("group"),
             )
             log.info("W&B %s run %s (%s)", mode, run.id, run.dir)
         bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True, disable=not progress,
@@ -92,7 +107,8 @@ class Tracker:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({**metrics, "train/step": step}, step=self._wandb_step)
+        self._wandb_step += 1
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
