@@ -12,7 +12,7 @@ import io
 from collections.abc import Callable
 
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch import Tensor
 
 from foundation.config import DataConfig
@@ -57,7 +57,7 @@ def build_train_transform(cfg: DataConfig) -> Transform:
     """PIL image → normalised ``(C, H, W)`` tensor with the training augmentation of ``cfg.augment``."""
     mean, std = normalization(cfg)
     a = cfg.augment
-    return create_transform(
+    transform = create_transform(
         input_size=(cfg.in_chans, cfg.image_size, cfg.image_size),
         is_training=True,
         scale=a.scale,
@@ -70,6 +70,19 @@ def build_train_transform(cfg: DataConfig) -> Transform:
         mean=mean,
         std=std,
     )
+    for t in getattr(transform, "transforms", []):  # RandAugment holds .ops, AutoAugment .policy (lists of ops)
+        for op in [*getattr(t, "ops", []), *(o for sub in getattr(t, "policy", []) for o in sub)]:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize for Pillow >= 13: RandAugment's increasing posterize (``inc1``) keeps 0 bits at
+    magnitude 10, which older Pillow turned into a black image and Pillow 13 refuses with a ValueError."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def build_eval_transform(cfg: DataConfig) -> Transform:

@@ -64,7 +64,11 @@ def configs_from_args(args: argparse.Namespace) -> list[QuantConfig]:
     if args.outlier_suppression:
         base["outlier.enabled"] = True
     methods = _split_list(args.method) or [None]
-    wbits, abits = _split_list(args.wbits, int), _split_list(args.abits, int)
+    try:
+        wbits, abits = _split_list(args.wbits, int), _split_list(args.abits, int)
+    except ValueError:
+        given = " ".join(f"--{k} {v}" for k, v in (("wbits", args.wbits), ("abits", args.abits)) if v is not None)
+        raise RecipeError(f"{given}: bit widths are integers, e.g. 4 or 4,8") from None
     if wbits and abits and len(wbits) != len(abits) and 1 not in (len(wbits), len(abits)):
         raise RecipeError(f"--wbits {args.wbits} and --abits {args.abits}: give lists of the same length (paired)")
     n = max(len(wbits or [0]), len(abits or [0]))
