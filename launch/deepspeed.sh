@@ -3,6 +3,8 @@
 #   ZERO_STAGE 1|2|3 picks launch/ds_configs/zero$ZERO_STAGE.json (default 2).
 # Several nodes: write a hostfile and set HOSTFILE=path (see docs/distributed.md).
 # On CPU: DS_ACCELERATOR=cpu, gloo, a torch AdamW client optimizer (no op compile).
+# No restarts after a dead worker with this launcher: for those run DeepSpeed under launch/torchrun.sh
+# --max-restarts N ... parallel.backend=deepspeed (docs/distributed.md).
 set -euo pipefail
 NPROC=${1:?usage: launch/deepspeed.sh NPROC RECIPE.yaml [ZERO_STAGE] [key=value ...]}
 RECIPE=${2:?usage: launch/deepspeed.sh NPROC RECIPE.yaml [ZERO_STAGE] [key=value ...]}
