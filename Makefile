@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-# Fashion-MNIST's IDX files from the Debian package when we may install it; otherwise
-# `foundation data fashion-mnist` downloads them from the dataset's canonical location.
+# The real offline data from Debian packages when we may install them: Fashion-MNIST's IDX files (else
+# `foundation data fashion-mnist` downloads them from the dataset's canonical location), openclipart and
+# the Oxygen icons (downstream sets of `foundation adapt` and INTERN's amateur stage).
+DEBIAN_DATA := dataset-fashion-mnist openclipart-png oxygen-icon-theme
 fmnist-files:
-	@if [ ! -f $(FMNIST_SYSTEM)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
+	@missing=$$(for p in $(DEBIAN_DATA); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 $(DEMO_DATA)/manifest.json: | $(STAMP) fmnist-files
 	$(VENV)/bin/foundation data fashion-mnist --out $(DEMO_DATA) --captions --overwrite

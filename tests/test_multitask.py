@@ -367,3 +367,20 @@ def test_deepspeed_zero2_runs_mix_and_sample(digits_shards, parity_shards, tmp_p
     assert all(np.isfinite(metrics[s]["train/loss"]) for s in range(1, 7))
     weights = load_file(str(tmp_path / "ds/checkpoints/step_6/model.safetensors"))
     assert {"tasks.digits.model.head.weight", "tasks.parity.model.head.weight"} <= weights.keys()
+
+
+def test_adapt_takes_a_multitask_runs_shared_backbone(digits_shards, parity_shards, tmp_path):
+    from foundation.adapt.backbone import load_backbone
+    from foundation.engine.checkpoint import load_task
+
+    summary = train(validate(two_tasks(digits_shards, parity_shards, tmp_path, "mt", steps=3)))
+    backbone = load_backbone(str(tmp_path / "mt"))
+    whole, _, _ = load_task(summary["checkpoint"])
+    x = torch.randn(4, 1, 32, 32)
+    whole.eval()
+    assert torch.equal(backbone.module(x), whole.backbone(x)) and backbone.module(x).shape == (4, 128)
+    assert backbone.preprocessing["image_size"] == 32 and backbone.finetune["init"] == summary["checkpoint"]
+    out = tmp_path / "adapt"
+    assert main(["adapt", "--checkpoint", str(tmp_path / "mt"), "--data", str(parity_shards), "--method", "linear",
+                 "--out", str(out)]) == 0
+    assert list(out.rglob("*.json"))

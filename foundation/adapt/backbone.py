@@ -6,6 +6,7 @@
 |---|---|---|
 | a platform run or ``checkpoints/step_N`` (classification) | the timm model's pooled pre-logits feature | the run's recipe (`data.image_size`, `in_chans`, `mean`, `std`, interpolation, crop) |
 | a platform run of task ``clip`` / ``declip`` | the vision tower: ``pooled`` = ``model.visual`` (pre-projection), ``projected`` = ``encode_image`` | the run's recipe |
+| a multi-task run (``tasks:``) | the shared backbone's pooled feature | its first task's data settings |
 | ``timm:NAME`` with ``weights=FILE`` (.safetensors, or .pth/.pt/.bin loaded with ``weights_only=True``) | the timm model without its head | timm's ``pretrained_cfg`` of NAME |
 | a ``foundation export --format timm`` folder (``config.json`` + ``model.safetensors``) | as ``timm:NAME`` | the exported ``pretrained_cfg`` |
 | a ``foundation export --format open_clip`` folder (``open_clip_config.json`` + weights) | open_clip's ``visual``: ``projected`` = ``encode_image``, ``pooled`` = before ``proj`` | the exported ``preprocess_cfg`` |
@@ -115,6 +116,10 @@ def _platform_backbone(path: Path, feature: str, image_size: int | None) -> Back
     from foundation.models.dual_encoder import DualEncoder
 
     ckpt = _checkpoint_dir(path)
+    from foundation.config import load_recipe
+
+    if load_recipe(ckpt / "recipe.yaml").tasks is not None:
+        return _multitask_backbone(ckpt, feature, image_size)
     model, recipe = load_model(ckpt)
     mean, std = normalization(recipe.data)
     pre = {"image_size": image_size or recipe.data.image_size, "in_chans": recipe.data.in_chans, "mean": list(mean),
@@ -143,6 +148,27 @@ def _platform_backbone(path: Path, feature: str, image_size: int | None) -> Back
     files = [ckpt / "model.safetensors"]
     return Backbone(module.eval(), pre, kind, feature, _identity(files, feature, pre, json.dumps(arch, sort_keys=True)),
                     {"checkpoint": str(ckpt), "task": kind, "backbone": m.backbone}, finetune)
+
+
+def _multitask_backbone(ckpt: Path, feature: str, image_size: int | None) -> Backbone:
+    """A multi-task run's shared backbone (pooled features), with its first task's preprocessing."""
+    from foundation.data.transforms import normalization
+    from foundation.engine.checkpoint import load_task
+
+    _check_feature(feature, ("pooled",), "a multi-task run's shared backbone")
+    whole, _, recipe = load_task(ckpt)
+    data = next(iter(recipe.tasks.values())).data
+    mean, std = normalization(data)
+    pre = {"image_size": image_size or data.image_size, "in_chans": data.in_chans, "mean": list(mean),
+           "std": list(std), "interpolation": data.augment.interpolation, "crop_pct": data.augment.crop_pct}
+    m = recipe.model
+    arch = {"backbone": m.backbone, "img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans,
+            "kwargs": dict(m.kwargs)}
+    files = [ckpt / "model.safetensors"]
+    return Backbone(whole.backbone.eval(), pre, "multitask", feature,
+                    _identity(files, feature, pre, json.dumps(arch, sort_keys=True)),
+                    {"checkpoint": str(ckpt), "task": "multitask", "tasks": list(recipe.tasks), "backbone": m.backbone},
+                    {**arch, "init": str(ckpt)})
 
 
 def _open_clip_pooled(visual: nn.Module) -> nn.Module:
