@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from evaluation.human import attribute_metrics, detection_metrics, evaluate_reid, keypoint_ap, pairwise_distance
+from evaluation.human import attribute_metrics, detection_metrics, evaluate_reid, keypoint_ap, oks, pairwise_distance
 from evaluation.human.parsing import ParsingMeter, parsing_metrics
 from evaluation.human.pose import crops_to_coco
 from foundation.losses.unihcp import heatmap_peaks, parsing_prediction
@@ -76,7 +76,10 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
     k = len(labels[0]["keypoints"])
     sigmas = None if k == 17 else [0.05] * k
     metrics = keypoint_ap(gt, results, sigmas)
-    return {**metrics, "vis_acc": vis_hits / max(vis_n, 1), "samples": len(labels)}
+    # mean OKS of each crop's prediction with its person: moves before AP does (AP needs OKS >= 0.5)
+    mean_oks = float(np.mean([oks(np.asarray(r["keypoints"]).reshape(-1, 3)[:, :2], np.asarray(lab["keypoints"]),
+                                  lab["area"], sigmas) for r, lab in zip(results, labels)]))
+    return {**metrics, "OKS": mean_oks, "vis_acc": vis_hits / max(vis_n, 1), "samples": len(labels)}
 
 
 @torch.no_grad()

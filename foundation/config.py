@@ -203,7 +203,6 @@ class UniHCPConfig(Section):
     presence_weight: float = Field(2.0, ge=0)  # parsing: BCE on whether each class occurs
     attr_pos_ratios: list[float] | None = None  # attributes: positive ratio per attribute; None: counted while training
     triplet_weight: float = Field(1.0, ge=0)  # ReID: CE + this x batch-hard soft-margin triplet
-    reid_instances: int = Field(4, gt=0)  # ReID P x K: K images per identity in a batch (P = batch / K)
     cost_class: float = Field(2.0, ge=0)  # detection: Hungarian costs and loss weights (focal / L1 / GIoU)
     cost_bbox: float = Field(5.0, ge=0)
     cost_giou: float = Field(2.0, ge=0)

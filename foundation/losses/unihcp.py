@@ -97,11 +97,8 @@ def parsing_loss(class_logits: Tensor, mask_logits: Tensor, label_map: Tensor, n
     onehot = (labels[:, None] == torch.arange(c, device=labels.device)[None, :, None]).float()  # (B, C, P)
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * valid[:, None]
     ce = ce.sum() / (valid.sum() * c).clamp(min=1)
-    present = torch.zeros(b, c, device=label_map.device)
-    for i in range(b):
-        seen = label_map[i].unique()
-        seen = seen[seen != ignore_index]
-        present[i, seen.long()] = 1.0
+    classes = torch.where(label_map == ignore_index, c, label_map.long()).clamp(max=c).flatten(1)  # ignore -> bin c
+    present = torch.zeros(b, c + 1, device=label_map.device).scatter_(1, classes, 1.0)[:, :c]  # (B, C) occurs
     probs = logits.sigmoid() * valid[:, None]
     dice = dice_loss(probs.flatten(0, 1), (onehot * valid[:, None]).flatten(0, 1)).view(b, c)
     dice = (dice * present).sum() / present.sum().clamp(min=1)
