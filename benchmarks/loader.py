@@ -11,7 +11,7 @@ ratio of the same code swings by +-0.15 from run to run with the scheduler's sha
 what the reader costs, and throughput follows it when the workers have their cores. The last line
 printed is the JSON result; top-level ``ratio`` is the worse of the sizes measured (goal 0.85 at each).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/loader.py [--rounds 3] [--seconds 4] [--sizes 32 224]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/loader.py [--rounds 5] [--seconds 3] [--sizes 32 224]
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def raw_rate(cfg: DataConfig, images: list[bytes], seconds: float) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per figure")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
     parser.add_argument("--images", type=int, default=640, help="source images per size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=sorted(SOURCES))
     args = parser.parse_args()
