@@ -29,13 +29,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from foundation.pipeline import print_commands, run_pipeline
+
+    if args.print_commands:
+        print(print_commands(args.pipeline, args.overrides, launcher=args.launcher), end="")
+        return 0
+    summary = run_pipeline(args.pipeline, args.overrides, only=args.only, launcher=args.launcher)
+    print(summary["markdown"], end="")
+    return 0
+
+
 def recipe_loaders() -> dict:
     """Recipe kind -> loader. A file's kind is the name of the directory it sits in (``recipes/quant/x.yaml``
     is a ``quant`` recipe); a file in any other directory is a training recipe. Adding a kind is one line."""
+    from foundation.adapt.suite import load_suite
+    from foundation.pipeline import load_pipeline
     from foundation.quant.config import load_quant_config
     from foundation.train import load_checked
 
-    return {"training": load_checked, "quant": load_quant_config}
+    return {"training": load_checked, "quant": load_quant_config, "adapt": load_suite, "intern": load_pipeline}
 
 
 def cmd_recipes_check(args: argparse.Namespace) -> int:
@@ -157,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=100")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("pipeline", help="run the stages of a pipeline file in order (INTERN), resumable")
+    p.add_argument("pipeline", help="pipeline YAML file (recipes/intern/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="name=..., output_dir=..., wandb_group=...")
+    p.add_argument("--print-commands", action="store_true", help="print every stage's command (bash; SLURM jobs "
+                   "chained with afterok) instead of running")
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], help="replaces the file's launcher.kind")
+    p.add_argument("--only", nargs="+", help="run only these stages (the others must be finished for them)")
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("recipes", help="work with recipe files")
     rsub = p.add_subparsers(dest="recipes_command", required=True)
     c = rsub.add_parser("check", help="validate recipe files (or directories of them) without running")
@@ -220,8 +242,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_problem(name: str | None) -> str | None:
+    """Why ``--device NAME`` cannot work on this machine (None when it can): found before any work starts."""
+    if name in (None, "auto", "cpu"):
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: no CUDA device on this machine; use --device cpu (or auto)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _device_problem(getattr(args, "device", None))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except _user_errors() as e:  # one line: a validation error's per-key lines are joined with '; '

@@ -210,6 +210,18 @@ class UniHCPConfig(Section):
     focal_gamma: float = Field(2.0, ge=0)
 
 
+class DistillConfig(Section):
+    """Task ``distill``: a plain timm student (``model.backbone``) learns a finished teacher run's features and one
+    classification head's logits (INTERN's generalist compressed into one deployable backbone)."""
+
+    teacher: str | None = None  # a finished run directory or checkpoint (loaded safely, frozen)
+    head: str | None = None  # the teacher's classification task whose logits are distilled (None: its only one)
+    feature_weight: float = Field(1.0, ge=0)  # MSE(linear projection of the student's pooled feature, teacher's)
+    logit_weight: float = Field(1.0, ge=0)  # KL(teacher || student) on the head's logits at temperature, x T^2
+    ce_weight: float = Field(0.0, ge=0)  # cross-entropy on the batch's labels (in the head's label space)
+    temperature: float = Field(2.0, gt=0)
+
+
 class TaskConfig(Section):
     """What is optimised. ``name`` is a key of ``foundation.tasks.TASKS``."""
 
@@ -218,6 +230,7 @@ class TaskConfig(Section):
     mixup: float = Field(0.0, ge=0.0)  # timm Mixup alpha; 0 disables
     cutmix: float = Field(0.0, ge=0.0)  # timm CutMix alpha; 0 disables
     declip: DeclipConfig = Field(default_factory=DeclipConfig)  # tasks clip/declip only
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # task distill only
     unihcp: UniHCPConfig = Field(default_factory=UniHCPConfig)  # tasks unihcp_* only
 
 
@@ -288,6 +301,7 @@ class LoggingConfig(Section):
     project: str = "foundation"
     entity: str | None = None
     tags: list[str] = []
+    group: str | None = None  # W&B run group (a pipeline's stages share one)
     progress: bool = True  # progress bar on rank 0
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from foundation.tasks.classification import ClassificationTask
 from foundation.tasks.clip import ClipTask, DeclipTask
+from foundation.tasks.distill import DistillTask
 from foundation.tasks.multitask import MultiTask, loss_scales
 from foundation.tasks.unihcp import UniHCPAttributes, UniHCPDetection, UniHCPParsing, UniHCPPose, UniHCPReID
 
@@ -17,6 +18,7 @@ TASKS = {
     "classification": ClassificationTask,
     "clip": ClipTask,
     "declip": DeclipTask,
+    "distill": DistillTask,
     "unihcp_pose": UniHCPPose,
     "unihcp_parsing": UniHCPParsing,
     "unihcp_attributes": UniHCPAttributes,
