@@ -350,13 +350,15 @@ class _TarMembers:
     ``tarfile`` parses every header into a ``TarInfo`` (~25 us a member), more than decoding a small
     image costs; this reads the three fields the reader needs. Iterating gives ``(name, size)``; call
     ``read()`` for the member's bytes, otherwise they are passed over (a seek when the file allows it).
-    Damaged archives raise ``tarfile.ReadError``.
+    Damaged archives raise ``tarfile.ReadError``. ``start``: the byte offset the file is at (a header);
+    ``start_of_member`` is where the headers of the member last yielded begin.
     """
 
-    def __init__(self, f, seekable: bool):
+    def __init__(self, f, seekable: bool, start: int = 0):
         self.f, self.seekable = f, seekable
         self._pending = 0  # bytes of the current member (and its padding) not consumed yet
         self._size = 0
+        self.pos = self.start_of_member = start
 
     def read(self) -> bytes:
         data = self._exact(self._size)
@@ -367,14 +369,18 @@ class _TarMembers:
     def __iter__(self) -> Iterator[tuple[str, int]]:
         long_name: str | None = None
         pax: dict[str, str] = {}
+        chain = self.pos
         while True:
             self._skip(self._pending)
             self._pending = self._size = 0
+            if long_name is None and not pax:
+                chain = self.pos
             hdr = self.f.read(512)
             if len(hdr) < 512 or not hdr.strip(b"\0"):
                 if hdr.strip(b"\0"):
                     raise tarfile.ReadError("unexpected end of data in a tar header")
                 return
+            self.pos += 512
             try:
                 checksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
             except ValueError:
@@ -398,15 +404,18 @@ class _TarMembers:
             self._pending = padded
             if kind in (b"0", b"\0", b"7"):
                 self._size = size
+                self.start_of_member = chain
                 yield name, size
 
     def _exact(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) < n:
             raise tarfile.ReadError("unexpected end of data")
+        self.pos += n
         return data
 
     def _skip(self, n: int) -> None:
+        self.pos += n
         if n and self.seekable:
             self.f.seek(n, 1)
         while n > 0 and not self.seekable:
@@ -456,16 +465,23 @@ def _open_shard(url: str):
     return f, True
 
 
-def _tar_samples(url: str, start: int = 0, wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
-    """``(ordinal, sample)`` for the samples of one shard from ordinal ``start`` on (or only those in
-    ``wanted``), grouped by key as webdataset groups them. Members of earlier samples are passed over by
-    their headers: a seek in a local file, a read without decoding in a remote stream. Unreadable data
-    raises; the sample it interrupted is dropped."""
+def _tar_samples(url: str, start: int = 0, wanted: set[int] | None = None, at: int = 0,
+                 at_ordinal: int = 0) -> Iterator[tuple[int, int, dict]]:
+    """``(ordinal, byte offset, sample)`` for the samples of one shard from ordinal ``start`` on (or only
+    those in ``wanted``), grouped by key as webdataset groups them. ``at``: the byte offset where sample
+    ``at_ordinal`` begins (from an earlier read of a local, uncompressed shard: a seek goes there). Members
+    of other earlier samples are passed over by their headers: a seek in a local file, a read without
+    decoding in a stream. The byte offset is -1 where it cannot be sought to. Unreadable data raises;
+    the sample it interrupted is dropped."""
     last = max(wanted) if wanted else None
     f, seekable = _open_shard(url)
     with f:
-        members = _TarMembers(f, seekable)
-        ordinal, key, sample = -1, None, None
+        if not seekable or at <= 0:
+            at, at_ordinal = 0, 0
+        if at:
+            f.seek(at)
+        members = _TarMembers(f, seekable, at)
+        ordinal, key, sample, sample_at = at_ordinal - 1, None, None, -1
         for name, _ in members:
             match = _MEMBER.match(name)
             if match is None or _META_MEMBER.match(name):
@@ -473,29 +489,31 @@ def _tar_samples(url: str, start: int = 0, wanted: set[int] | None = None) -> It
             prefix, ext = match.groups()
             if prefix != key:
                 if sample is not None:
-                    yield ordinal, sample
+                    yield ordinal, sample_at, sample
                 key, ordinal = prefix, ordinal + 1
                 if last is not None and ordinal > last:
                     return
                 keep = ordinal >= start if wanted is None else ordinal in wanted
                 sample = {"__key__": prefix, "__url__": url} if keep else None
+                sample_at = members.start_of_member if seekable else -1
             if sample is not None:
                 sample[ext.lower()] = members.read()
         if sample is not None:
-            yield ordinal, sample
+            yield ordinal, sample_at, sample
 
 
 def _fresh_source_state() -> dict:
-    return {"draw": 0, "offset": 0, "picks": 0, "buffer": [], "buffer_offsets": []}
+    return {"draw": 0, "offset": 0, "at": -1, "picks": 0, "buffer": [], "buffer_offsets": [], "buffer_at": []}
 
 
 class _Source:
     """One source's raw samples in one (rank, worker): shards drawn with replacement, a shuffle buffer.
 
     The state is ``draw`` (how many shards were drawn before the current one), ``offset`` (samples of it
-    read), ``picks`` (samples taken from the buffer) and the buffer as (draw, offset) references: shard
-    draw ``d`` is ``urls[h(seed, d) mod n]`` and pick ``p`` takes slot ``h(seed, p) mod len(buffer)``,
-    so a saved state reopens without reading anything that came before it.
+    read), ``at`` (the byte offset of the last of them, -1 when unknown), ``picks`` (samples taken from the
+    buffer) and the buffer as (draw, offset, byte offset) references: shard draw ``d`` is
+    ``urls[h(seed, d) mod n]`` and pick ``p`` takes slot ``h(seed, p) mod len(buffer)``, so a saved state
+    reopens without reading anything that came before it; in local shards a seek finds each sample.
     """
 
     def __init__(self, urls: list[str], seed: int, bufsize: int, reporter: _Reporter, state: dict | None = None):
@@ -503,24 +521,27 @@ class _Source:
         self.limit = 100 + 10 * len(urls)  # this many shards in a row without a sample: every shard is bad
         state = state or _fresh_source_state()
         self.draw, self.offset, self.picks = int(state["draw"]), int(state["offset"]), int(state["picks"])
-        self.buffer: list[tuple[int, int, dict]] = []
+        self.at = int(state.get("at", -1))
+        self.buffer: list[tuple[int, int, int, dict]] = []
         self._open: Iterator[tuple[int, dict]] | None = None
         self._url = ""
         self._read_here = 0
         self._since = 0
         if state["buffer"]:
-            self._refill(list(state["buffer"]), list(state["buffer_offsets"]))
+            self._refill(list(state["buffer"]), list(state["buffer_offsets"]),
+                         list(state.get("buffer_at") or [-1] * len(state["buffer"])))
 
     def shard_url(self, draw: int) -> str:
         return self.urls[_seed(self.seed, 0, draw) % len(self.urls)]
 
     def state(self) -> dict:
-        return {"draw": self.draw, "offset": self.offset, "picks": self.picks,
-                "buffer": [d for d, _, _ in self.buffer], "buffer_offsets": [o for _, o, _ in self.buffer]}
+        return {"draw": self.draw, "offset": self.offset, "at": self.at, "picks": self.picks,
+                "buffer": [b[0] for b in self.buffer], "buffer_offsets": [b[1] for b in self.buffer],
+                "buffer_at": [b[2] for b in self.buffer]}
 
     def next(self) -> dict:
         if self.bufsize == 1:
-            return self._read()[2]
+            return self._read()[3]
         while len(self.buffer) < self.bufsize:
             self.buffer.append(self._read())
         k = _seed(self.seed, 1, self.picks) % len(self.buffer)
@@ -528,16 +549,18 @@ class _Source:
         item = self.buffer[k]
         self.buffer[k] = self.buffer[-1]
         self.buffer.pop()
-        return item[2]
+        return item[3]
 
-    def _read(self) -> tuple[int, int, dict]:
+    def _read(self) -> tuple[int, int, int, dict]:
         while True:
             if self._open is None:
                 if self._since >= self.limit:
                     raise DataError(f"no sample could be read from {self._since} shards in a row (last: {self._url}); "
                                     "check the shards with `foundation data inspect`")
                 self._url = self.reporter.url = self.shard_url(self.draw)
-                self._open, self._read_here = _tar_samples(self._url, self.offset), 0
+                at = self.at if self.offset > 0 else -1  # seek to the last sample read, pass over it
+                self._open = _tar_samples(self._url, self.offset, at=at, at_ordinal=self.offset - 1)
+                self._read_here = 0
             failed = False
             try:
                 item = next(self._open, None)
@@ -549,30 +572,40 @@ class _Source:
                     self._since += 1
                     if not failed and self.offset == 0:
                         self.reporter.shard(self._url, "empty shard")
-                self.draw, self.offset, self._open = self.draw + 1, 0, None
+                self.draw, self.offset, self.at, self._open = self.draw + 1, 0, -1, None
                 continue
             self._since = 0
             self._read_here += 1
-            ordinal, sample = item
+            ordinal, self.at, sample = item
             self.offset = ordinal + 1
-            return self.draw, ordinal, sample
+            return self.draw, ordinal, self.at, sample
 
-    def _refill(self, draws: list[int], offsets: list[int]) -> None:
-        """Read the buffered samples of a saved state again, from the shards they came from."""
+    def _refill(self, draws: list[int], offsets: list[int], ats: list[int]) -> None:
+        """Read the buffered samples of a saved state again, from the shards they came from: by a seek
+        where the byte offset is known, else by passing over the shard's headers up to them."""
         wanted: dict[str, set[int]] = {}
-        for d, o in zip(draws, offsets, strict=True):
-            wanted.setdefault(self.shard_url(d), set()).add(o)
         found: dict[tuple[str, int], dict] = {}
+        for d, o, at in zip(draws, offsets, ats, strict=True):
+            url = self.shard_url(d)
+            if at >= 0 and (url, o) not in found:
+                try:
+                    got = next(_tar_samples(url, o, at=at, at_ordinal=o), None)
+                except Exception:
+                    got = None
+                if got is not None and got[0] == o:
+                    found[(url, o)] = got[2]
+                    continue
+            wanted.setdefault(url, set()).add(o)
         for url, ordinals in wanted.items():
             try:
-                found.update(((url, o), s) for o, s in _tar_samples(url, wanted=ordinals))
+                found.update(((url, o), s) for o, _, s in _tar_samples(url, wanted=ordinals))
             except Exception as e:
                 raise DataError(f"{url}: cannot re-read the samples of the saved data position ({type(e).__name__}: "
                                 f"{e}); restore the shards, or start the data stream afresh") from None
             if any((url, o) not in found for o in ordinals):
                 raise DataError(f"{url} has fewer samples than when the data position was saved; the shards changed: "
                                 "restore them, or start the data stream afresh")
-        self.buffer = [(d, o, found[(self.shard_url(d), o)]) for d, o in zip(draws, offsets, strict=True)]
+        self.buffer = [(d, o, at, found[(self.shard_url(d), o)]) for d, o, at in zip(draws, offsets, ats, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
