@@ -233,6 +233,11 @@ class Engine:
             if loss is None:
                 loss = sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad), torch.zeros(()))
             self.wrapped.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            if self.wrapped.is_gradient_accumulation_boundary() and self.ds_config["zero_optimization"]["stage"] == 0:
+                # ZeRO-0 with a torch optimizer in fp32 reports no norm, and step() zeroes the gradients:
+                # measure the (all-reduced, unclipped) gradients here, for step() to return
+                grads = [p.grad.detach().double().pow(2).sum() for p in self.module.parameters() if p.grad is not None]
+                self._ds_norm = float(torch.stack(grads).sum().sqrt()) if grads else None
             if drop_step and self.wrapped.is_gradient_accumulation_boundary():
                 saved = [g["lr"] for g in self.optimizer.param_groups]
                 for g in self.optimizer.param_groups:
@@ -254,7 +259,9 @@ class Engine:
         if self.is_deepspeed:
             # The optimizer already stepped inside backward() at the accumulation boundary.
             norm = self.wrapped.get_global_grad_norm()
-            return None if skip or norm is None else float(norm)
+            if norm is None:
+                norm, self._ds_norm = getattr(self, "_ds_norm", None), None
+            return None if skip or norm is None or not math.isfinite(float(norm)) else float(norm)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
