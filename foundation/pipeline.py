@@ -373,9 +373,10 @@ def _models(pipeline: Pipeline, adapt: AdaptStage) -> list[str]:
     return refs
 
 
-def adapt_commands(pipeline: Pipeline, run: Run, python: str = sys.executable) -> list[tuple[str, list[str], Path]]:
-    """(model, command, suite file) for each model: export as timm weights, then the suite at one fraction.
-    Writes the derived suite files (the only thing the printed commands need besides the runs)."""
+def adapt_commands(pipeline: Pipeline, run: Run, python: str = sys.executable,
+                   write: bool = True) -> list[tuple[str, list[str], Path]]:
+    """(model, command, suite file) for each model: export as timm weights, then the suite at one fraction
+    (the derived suite files are written when ``write``)."""
     from foundation.adapt.suite import load_suite
 
     adapt = pipeline.stages[run.stage].adapt
@@ -391,8 +392,9 @@ def adapt_commands(pipeline: Pipeline, run: Run, python: str = sys.executable) -
                                            "fractions": [adapt.fraction], "scratch": ref == scratch and suite.scratch,
                                            "out": str(root / key)})
         suite_file = root / "suites" / f"{key}.yaml"
-        suite_file.parent.mkdir(parents=True, exist_ok=True)
-        suite_file.write_text(yaml.safe_dump(derived.model_dump(mode="json"), sort_keys=False))
+        if write:
+            suite_file.parent.mkdir(parents=True, exist_ok=True)
+            suite_file.write_text(yaml.safe_dump(derived.model_dump(mode="json"), sort_keys=False))
         out.append((ref, [python, "-m", "foundation.cli", "export", "--checkpoint", str(pipeline.run_dir(ref)),
                           "--format", "timm", "--out", str(export)], suite_file))
         out.append((ref, [python, "-m", "foundation.cli", "adapt", "--suite", str(suite_file)], suite_file))
@@ -515,12 +517,13 @@ def print_commands(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
             else:
                 lines.append(shlex.join(cmd))
             continue
-        cmds = [shlex.join(c) for _, c, _ in adapt_commands(pipeline, run, python="python")]
-        cmds.append(f"python -m foundation.cli pipeline {shlex.quote(str(path))} --only {run.stage}")
+        # one command: it writes the derived suite files, exports each model, runs the suites and the table
+        lines += [f"#   {shlex.join(c)}" for _, c, _ in adapt_commands(pipeline, run, python="python", write=False)]
+        cmd = f"python -m foundation.cli pipeline {shlex.quote(str(path))} --only {run.stage} --launcher local"
         if slurm:  # the adaptation stage as one job after every training stage
-            lines.append(f"sbatch {after(run.stage)}--nodes=1 --gpus-per-node=1 --wrap={shlex.quote(' && '.join(cmds))}")
+            lines.append(f"sbatch {after(run.stage)}--nodes=1 --gpus-per-node=1 --wrap={shlex.quote(cmd)}")
         else:
-            lines += cmds
+            lines.append(cmd)
     return "\n".join(lines) + "\n"
 
 
