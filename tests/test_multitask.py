@@ -384,3 +384,22 @@ def test_adapt_takes_a_multitask_runs_shared_backbone(digits_shards, parity_shar
     assert main(["adapt", "--checkpoint", str(tmp_path / "mt"), "--data", str(parity_shards), "--method", "linear",
                  "--out", str(out)]) == 0
     assert list(out.rglob("*.json"))
+
+
+# Losses of the first 6 steps of two tiny single-task runs, recorded with the engine as it was before the
+# multi-task change (commit 36e3e23) and the current data reader: the one-task case must not move (the final
+# weights' sha256 was equal too). A change of the reader's sample order also moves them: re-record then.
+PREVIOUS_ENGINE_LOSSES = {
+    "cls": [2.360629081726074, 2.28509521484375, 2.431938409805298, 2.229329824447632, 2.2657647132873535,
+            2.2374653816223145],
+    "vit": [2.3497157096862793, 2.287036418914795, 2.408980369567871, 2.3804731369018555, 2.177560806274414,
+            2.474179983139038],
+}
+
+
+def test_single_task_runs_give_the_previous_engines_losses(digits_shards, tmp_path):
+    for name, extra in (("cls", {}), ("vit", {"model": dict(TINY_VIT)})):
+        train(validate(tiny_recipe(digits_shards, tmp_path, name=name, train={"steps": 6, "log_every": 1}, **extra)))
+        metrics = read_metrics(tmp_path / name)
+        got = [metrics[s]["train/loss"] for s in range(1, 7)]
+        assert got == pytest.approx(PREVIOUS_ENGINE_LOSSES[name], rel=1e-6, abs=1e-6), name
