@@ -48,9 +48,24 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 		--out runs/declip_vit_tiny_fmnist/eval/zeroshot.json
 	$(VENV)/bin/foundation data synthetic-humans --out data/humans --n 60 --overwrite
 	$(VENV)/bin/foundation data inspect data/humans/detection --split val --samples 4 --draw runs/humans_check
+	OMP_NUM_THREADS=2 $(VENV)/bin/foundation train recipes/unihcp/tiny_synthetic.yaml
+	@set -e; for t in pose parsing attributes detection; do $(VENV)/bin/foundation eval unihcp_$$t \
+		--checkpoint runs/unihcp_tiny_synthetic --task $$t --data data/humans/$$t \
+		--out runs/unihcp_tiny_synthetic/eval/$$t.json > /dev/null; done
+	$(VENV)/bin/foundation eval unihcp_reid --checkpoint runs/unihcp_tiny_synthetic --task reid \
+		--data data/humans/reid/query-000000.tar::data/humans/reid/gallery-000000.tar \
+		--out runs/unihcp_tiny_synthetic/eval/reid.json > /dev/null
+	$(PY) -c "from foundation.data.shards import iter_raw_samples as r; \
+		open('runs/unihcp_tiny_synthetic/scene.png', 'wb').write(next(r('data/humans/detection', 'val'))['png'])"
+	$(VENV)/bin/foundation predict --checkpoint runs/unihcp_tiny_synthetic --image runs/unihcp_tiny_synthetic/scene.png \
+		--out runs/unihcp_tiny_synthetic/predict > /dev/null
+	@$(PY) -c "import json; keep = ('AP', 'OKS', 'mIoU', 'mA', 'rank1', 'mAP', 'AP50', 'JI'); \
+		r = {t: json.load(open(f'runs/unihcp_tiny_synthetic/eval/{t}.json')) for t in ('pose', 'parsing', 'attributes', 'reid', 'detection')}; \
+		print('UniHCP per-task metrics:', '; '.join(t + ' ' + ', '.join(f'{k}={v:.3f}' for k, v in m.items() if k in keep) for t, m in r.items()))"
 	@echo "run directories: runs/resnet18_fmnist, runs/declip_vit_tiny_fmnist (metrics.jsonl, checkpoints/, train.log, summary.json)"
 	@echo "reports: runs/resnet18_fmnist/eval/report/report.md (ship-readiness), runs/resnet18_fmnist/quant/results.md (W8A8 + onnxruntime)," \
-		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json, runs/humans_check/ (synthetic humans with their labels drawn)"
+		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json, runs/humans_check/ (synthetic humans with their labels drawn)," \
+		"runs/unihcp_tiny_synthetic/eval/*.json and predict/prediction.png (UniHCP, five tasks, one checkpoint)"
 
 test: $(STAMP) fmnist-files
 	$(PY) -m pytest -q --durations=15 tests
