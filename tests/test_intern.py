@@ -221,6 +221,15 @@ def test_distilled_student_is_a_plain_timm_model(pipeline_run, digits_shards, tm
     backbone = timm.create_model(config["architecture"], num_classes=0, in_chans=config["in_chans"], **config["kwargs"])
     backbone.load_state_dict({k: v for k, v in load_file(str(tmp_path / "export" / "model.safetensors")).items()
                               if not k.startswith("head.")}, strict=True)
+    # the deployment tools take it as any classifier
+    val = str(digits_shards / "val-000000.tar")
+    assert main(["eval", "robustness", "--checkpoint", str(ckpt), "--data", val, "--max-samples", "16",
+                 "--corruptions", "gaussian_noise", "--severities", "1", "--attacks", "none", "--workers", "0",
+                 "--out", str(tmp_path / "rob"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "rob" / "robustness.json").read_text())
+    assert main(["quantize", "--checkpoint", str(ckpt), "--data", val, "--method", "rtn", "--wbits", "8",
+                 "--abits", "8", "--calib-images", "16", "--val-images", "32", "--out", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "results.json").is_file()
 
 
 def test_distill_needs_a_teacher_and_matching_classes(pipeline_run, digits_shards, tmp_path):
