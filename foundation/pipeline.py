@@ -311,6 +311,12 @@ def _execute(cmd: list[str], env: dict, log_file: Path) -> None:
         out.write(f"$ {shlex.join(cmd)}\n")
         out.flush()
         proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode == 2:  # the command's own one-line `error:` (missing shards, refused checkpoint, ...)
+        from foundation.data import DataError
+
+        errors = [line for line in log_file.read_text().splitlines() if line.startswith("error: ")]
+        what = errors[-1].removeprefix("error: ") if errors else "exit code 2"
+        raise DataError(f"{what} (from: {shlex.join(cmd)}; output in {log_file})")
     if proc.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"command failed with exit code {proc.returncode}: {shlex.join(cmd)}\n"
@@ -350,6 +356,9 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
                 _execute(train_command(run, pipeline.launcher), env, root / "pipeline.log")
             else:
                 entry["comparison"] = run_adapt_stage(pipeline, run, env)
+        except BaseException:
+            entry["status"] = "failed"
+            raise
         finally:
             entry["wall_time_s"] = round(entry["wall_time_s"] + time.perf_counter() - t0, 1)
             state.save()

@@ -279,3 +279,15 @@ def test_print_commands(tmp_path, digits_shards):
     assert "launch/slurm.sbatch" in slurm
     result = subprocess.run(["bash", "-n"], input=slurm, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_failing_stage_is_one_error_line(tmp_path, digits_shards, capsys):
+    raw = yaml.safe_load(_pipeline_files(digits_shards, tmp_path).read_text())
+    recipe = yaml.safe_load((tmp_path / "amateur.yaml").read_text())
+    recipe["tasks"]["digits"]["data"]["train"] = str(tmp_path / "no-such-shards")
+    write_recipe(tmp_path / "amateur.yaml", recipe)
+    assert main(["pipeline", str(write_recipe(tmp_path / "p.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "error: error" not in err and "no-such-shards" in err and err.count("\n") == 1
+    state = json.loads((tmp_path / "runs" / "tiny" / "pipeline.json").read_text())["runs"]
+    assert state["amateur"]["status"] == "failed" and "experts/digits" not in state
