@@ -145,3 +145,45 @@ def test_shared_weights_are_stored_once(joint):
     assert not any(n.startswith("tasks.") and (".encoder." in n or ".shared." in n) for n in names)
     own = {t: sum(p.numel() for n, p in whole.named_parameters() if n.startswith(f"tasks.{t}.")) for t in TASK_NAMES}
     assert own["pose"] == 2 * 17 * 64  # the 17 joint queries (content + position): nothing else is pose's own
+
+
+def test_groups_on_two_ranks_equals_mix(joint, tmp_path):
+    """The paper's form: one group of ranks per task (pose uses the neck, detection does not); the shared ViT and
+    decoder averaged over all ranks, each task's queries within its group — the weights one process gets with mix."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "recipes/unihcp/tiny_synthetic.yaml").read_text())
+    raw["tasks"] = {k: v for k, v in raw["tasks"].items() if k in ("pose", "detection")}
+    for name, entry in raw["tasks"].items():
+        entry["share"] = 0.5
+        entry["evals"] = []
+        entry["data"]["train"] = f"{joint['data']}/{name}/manifest.json"
+        entry["data"]["val"] = None
+    raw["train"].update(steps=3, log_every=1, clip_grad=0.5)
+    raw["output_dir"] = str(tmp_path)
+    paths = {}
+    for schedule in ("mix", "groups"):
+        raw["train"]["schedule"], raw["name"] = schedule, schedule
+        paths[schedule] = tmp_path / f"{schedule}.yaml"
+        paths[schedule].write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = str(repo / "tests" / "train_driver.py")
+    a = subprocess.run([sys.executable, driver, str(paths["mix"])], capture_output=True, text=True, cwd=repo, env=env,
+                       timeout=600)
+    assert a.returncode == 0, a.stderr[-3000:]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    b = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", driver, str(paths["groups"])],
+                       capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+    assert b.returncode == 0, b.stderr[-5000:]
+    wa = load_file(str(tmp_path / "mix/checkpoints/step_3/model.safetensors"))
+    wb = load_file(str(tmp_path / "groups/checkpoints/step_3/model.safetensors"))
+    assert wa.keys() == wb.keys() and any(k.startswith("shared.unihcp.neck.") for k in wa)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
