@@ -332,6 +332,10 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     if pipeline.launcher.kind == "slurm":
         raise RecipeError("launcher.kind slurm: the pipeline cannot wait on SLURM jobs; submit the script that "
                           "`foundation pipeline FILE --print-commands` writes, or run here with --launcher local")
+    unknown = [s for s in only or [] if s not in pipeline.stages]
+    if unknown:
+        raise RecipeError(f"--only {unknown[0]!r}: no such stage{suggest(unknown[0], pipeline.stages)}; stages: "
+                          f"{list(pipeline.stages)}")
     root = pipeline.root
     root.mkdir(parents=True, exist_ok=True)
     state = _State(root)

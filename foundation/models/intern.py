@@ -29,13 +29,15 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
+from foundation.config import RecipeError
+
 
 def _kind(model: nn.Module) -> str:
     if hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "_pos_embed"):
         return "vit"
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         return "resnet"
-    raise ValueError(f"intern_generalist: base {type(model).__name__} is neither a timm ViT (patch_embed, blocks) "
+    raise RecipeError(f"intern_generalist: base {type(model).__name__} is neither a timm ViT (patch_embed, blocks) "
                      "nor a timm ResNet (layer1..layer4)")
 
 
@@ -111,7 +113,8 @@ class InternGeneralist(nn.Module):
                  num_classes: int = 1000, in_chans: int = 3, **base_kwargs: Any):
         super().__init__()
         if not experts:
-            raise ValueError("intern_generalist: experts is empty; name the expert runs (model.kwargs.experts)")
+            raise RecipeError("model.kwargs.experts: intern_generalist needs expert runs (run directories, checkpoints "
+                              "or .safetensors files; a pipeline's experts_from fills it)")
         self.main = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_chans, **base_kwargs)
         self.kind = _kind(self.main)
         expert_kwargs = {k: v for k, v in base_kwargs.items() if k != "drop_path_rate"}
@@ -131,7 +134,7 @@ class InternGeneralist(nn.Module):
         stages = sorted({i % n for i in adapter_stages}) if adapter_stages is not None else [n - 1]
         bad = [i for i in (adapter_stages or []) if not -n <= i < n]
         if bad:
-            raise ValueError(f"intern_generalist: adapter_stages {bad} out of range: the base has {n} stages")
+            raise RecipeError(f"model.kwargs.adapter_stages: {bad} out of range: the base has {n} stages")
         self.adapter_stages = stages
         adapter = TokenAdapter if self.kind == "vit" else MapAdapter
         expert_widths = [_stage_widths(e, _kind(e)) for e in self.experts]
