@@ -80,9 +80,16 @@ def dice_loss(probs: Tensor, targets: Tensor) -> Tensor:
     return 1 - num / den
 
 
+def sample_labels(label_map: Tensor, points: Tensor) -> Tensor:
+    """The label (nearest pixel) at each point (B, P, 2) [x, y] in [0, 1] of a label map (B, H, W) → (B, P)."""
+    grid = points[:, None].to(label_map.device) * 2 - 1
+    return F.grid_sample(label_map[:, None].float(), grid, mode="nearest", align_corners=False).view(len(points), -1).long()
+
+
 def parsing_loss(class_logits: Tensor, mask_logits: Tensor, label_map: Tensor, num_points: int,
                  ignore_index: int = 255, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 presence_weight: float = 2.0, points: Tensor | None = None) -> dict[str, Tensor]:
+                 presence_weight: float = 2.0, points: Tensor | None = None,
+                 point_labels: Tensor | None = None) -> dict[str, Tensor]:
     """Class queries' masks (B, C, h, w) against a label map (B, H, W) on ``num_points`` points per image
     (uniform in [0, 1]², or ``points`` (B, P, 2) [x, y]): sigmoid CE over every class and valid point, dice
     over the classes present, BCE of the class logits (B, C) on presence."""
@@ -91,8 +98,7 @@ def parsing_loss(class_logits: Tensor, mask_logits: Tensor, label_map: Tensor, n
         points = torch.rand(b, num_points, 2, device=mask_logits.device)
     grid = points[:, None] * 2 - 1  # (B, 1, P, 2) in [-1, 1], align_corners=False
     logits = F.grid_sample(mask_logits.float(), grid.to(mask_logits.device), align_corners=False).squeeze(2)  # (B, C, P)
-    labels = F.grid_sample(label_map[:, None].float(), grid.to(label_map.device), mode="nearest",
-                           align_corners=False).squeeze(1).squeeze(1).long()  # (B, P)
+    labels = point_labels if point_labels is not None else sample_labels(label_map, points)  # (B, P)
     valid = labels != ignore_index
     onehot = (labels[:, None] == torch.arange(c, device=labels.device)[None, :, None]).float()  # (B, C, P)
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * valid[:, None]
@@ -196,12 +202,17 @@ def detection_loss(logits: Tensor, boxes: Tensor, gt_boxes: list[Tensor], ignore
     targets = torch.zeros_like(logits, dtype=torch.float32)
     weights = torch.ones_like(targets)
     src, tgt = [], []
+    sizes = [len(g) for g in gt_boxes]
+    gts = [box_convert(g.to(boxes), "xyxy", "cxcywh") for g in gt_boxes]
+    costs = None
+    if sum(sizes):  # one cost matrix for the batch (DETR): (B, Q, all boxes), then each image's block
+        costs = match_cost(logits.flatten(0, 1), boxes.flatten(0, 1), torch.cat(gts), cost_class, cost_bbox,
+                           cost_giou, alpha, gamma).view(b, q, -1).cpu().split(sizes, -1)
     for i in range(b):
-        gt = box_convert(gt_boxes[i].to(boxes), "xyxy", "cxcywh")
+        gt = gts[i]
         matched = torch.zeros(q, dtype=torch.bool, device=logits.device)
         if len(gt):
-            rows, cols = hungarian_match(match_cost(logits[i], boxes[i], gt, cost_class, cost_bbox, cost_giou,
-                                                    alpha, gamma))
+            rows, cols = hungarian_match(costs[i][i])
             rows_t = torch.as_tensor(rows, device=logits.device)
             targets[i, rows_t] = 1.0
             matched[rows_t] = True
@@ -224,4 +235,4 @@ def detection_loss(logits: Tensor, boxes: Tensor, gt_boxes: list[Tensor], ignore
 
 __all__ = ["attribute_loss", "batch_hard_triplet", "detection_loss", "dice_loss", "focal_cost", "heatmap_peaks",
            "heatmap_targets", "hungarian_match", "match_cost", "parsing_loss", "parsing_prediction", "pose_loss",
-           "reid_loss"]
+           "reid_loss", "sample_labels"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from foundation.config import DataConfig, ModelConfig, RecipeError, TaskConfig, UniHCPConfig
 from foundation.losses.unihcp import (
-    attribute_loss, detection_loss, heatmap_targets, parsing_loss, pose_loss, reid_loss,
+    attribute_loss, detection_loss, heatmap_targets, parsing_loss, pose_loss, reid_loss, sample_labels,
 )
 from foundation.models.heads import SharedBackbone
 from foundation.models.unihcp import UniHCPNet, UniHCPShared
@@ -160,13 +160,13 @@ class UniHCPParsing(UniHCPTask):
         label_map = batch["targets"]["label_map"]
         # the same points for every layer (Mask2Former samples per layer; one draw keeps the step cheaper)
         points = torch.rand(label_map.shape[0], self.cfg.dice_points, 2, device=label_map.device)
-        return {"label_map": label_map, "points": points}
+        return {"label_map": label_map, "points": points, "point_labels": sample_labels(label_map, points)}
 
     def layer_loss(self, out, targets):
         c = self.cfg
         return parsing_loss(out["logits"], out["maps"], targets["label_map"], c.dice_points,
                             int(self.meta.get("ignore_index", 255)), c.mask_weight, c.dice_weight, c.presence_weight,
-                            points=targets["points"])
+                            points=targets["points"], point_labels=targets["point_labels"])
 
 
 class UniHCPAttributes(UniHCPTask):
