@@ -70,6 +70,9 @@ class DataConfig(Section):
     # human-centric shards (manifest human_task): samples decode to the task's targets with geometric
     # augmentation applied to image and targets alike (foundation/data/human_transforms.py; UniHCP tasks)
     human: bool = False
+    # ReID P x K batches with data.human: each training sample brings K - 1 more images of its identity (drawn
+    # from the train split's shards), so a batch of P samples holds P identities x K images. 1: off
+    id_instances: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _weights_match_sources(self) -> DataConfig:

@@ -91,6 +91,45 @@ def _image(sample: dict, keys: list[str]) -> Image.Image:
     raise HumanDecodeError(f"no image (looked for {';'.join(keys)})")
 
 
+@functools.lru_cache(maxsize=8)
+def _identity_index(url: str) -> dict[int, list[tuple[str, int, int]]]:
+    """pid → [(shard, offset, size) of each training image of that id] over the train split of the shard set
+    holding ``url`` (tar headers and the small json members are read once per process)."""
+    import tarfile
+    from pathlib import Path
+
+    from foundation.data.shards import read_manifest
+
+    manifest = read_manifest(url)
+    if manifest is None or "train" not in manifest.get("splits", {}):
+        raise HumanDecodeError(f"{url}: data.id_instances needs the shard set's manifest with a train split")
+    root = Path(url).parent
+    index: dict[int, list[tuple[str, int, int]]] = {}
+    for shard in manifest["splits"]["train"]["shards"]:
+        path = str(root / shard["name"])
+        images, pids = {}, {}
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext in ("jpg", "jpeg", "png", "webp"):
+                    images[key] = (path, member.offset_data, member.size)
+                elif ext == "json":
+                    try:
+                        pids[key] = int(json.loads(tar.extractfile(member).read())["pid"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        for key, pid in pids.items():
+            if key in images and pid > 0:
+                index.setdefault(pid, []).append(images[key])
+    return index
+
+
+def _read_at(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 def _affine(w: int, h: int, size: int, train: bool) -> tuple[float, np.ndarray]:
     """Letterbox (w, h) into size × size, with a random scale about the centre when training."""
     s = size / max(w, h)
@@ -192,6 +231,24 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
             raise HumanDecodeError("reid training sample without its id index (cls)")
         targets.update(label=torch.tensor(label), pid=torch.tensor(int(labels.get("pid", -1))),
                        camid=torch.tensor(int(labels.get("camid", 0))), split=torch.tensor(REID_SPLITS.index(split)))
+        if train and cfg.id_instances > 1:  # P x K: K - 1 more images of this identity, augmented on their own
+            url = str(sample.get("__url__", ""))
+            if not url or "://" in url:
+                raise HumanDecodeError("data.id_instances needs local shards")
+            pool = _identity_index(url).get(int(labels.get("pid", -1)), [])
+            if not pool:
+                raise HumanDecodeError(f"id {labels.get('pid')} has no training images in the index")
+            views = [out_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out_img]
+            for j in np.random.randint(len(pool), size=cfg.id_instances - 1):
+                with Image.open(io.BytesIO(_read_at(*pool[j]))) as other:
+                    other = other.convert("RGB")
+                so, oo = _affine(other.width, other.height, size, train)
+                view = _warp(other, so, oo, size, bilinear, (0, 0, 0))
+                if random.random() < cfg.augment.hflip:
+                    view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                views.append(view)
+            return {"key": sample.get("__key__", ""), "image": torch.stack([_normalise(v, cfg) for v in views]),
+                    "targets": targets}
     elif kind == "detection":
         labels = _labels(sample)
         src_boxes = np.asarray(labels.get("boxes") or [], np.float64).reshape(-1, 4)

@@ -105,6 +105,11 @@ class UniHCPTask(nn.Module):
         return cls(net, cfg, meta)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        if batch["image"].ndim == 5:  # P x K (data.id_instances): (P, K, 3, H, W) -> (P*K, 3, H, W)
+            p, k = batch["image"].shape[:2]
+            batch = {"image": batch["image"].flatten(0, 1),
+                     "targets": {n: v.repeat_interleave(k, 0) if isinstance(v, Tensor) and v.ndim and len(v) == p else v
+                                 for n, v in batch["targets"].items()}}
         outputs = self.model(batch["image"])  # one dict per supervised decoder layer
         targets = self.prepare(batch, outputs[-1])
         total, terms = None, {}
