@@ -67,6 +67,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         for name, batch in batches.items():
             task = whole.tasks[name]
+            batch = task.unfold(batch)  # ReID's P x K images
             t0 = time.perf_counter()
             outputs = task.model(batch["image"])
             t1 = time.perf_counter()

@@ -104,12 +104,18 @@ class UniHCPTask(nn.Module):
                         det_patterns=cfg.det_patterns, deep_supervision=cfg.deep_supervision)
         return cls(net, cfg, meta)
 
+    @staticmethod
+    def unfold(batch: dict) -> dict:
+        """A P x K batch (data.id_instances: images (P, K, 3, H, W)) as P*K images, each with its sample's targets."""
+        if batch["image"].ndim != 5:
+            return batch
+        p, k = batch["image"].shape[:2]
+        return {"image": batch["image"].flatten(0, 1),
+                "targets": {n: v.repeat_interleave(k, 0) if isinstance(v, Tensor) and v.ndim and len(v) == p else v
+                            for n, v in batch["targets"].items()}}
+
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        if batch["image"].ndim == 5:  # P x K (data.id_instances): (P, K, 3, H, W) -> (P*K, 3, H, W)
-            p, k = batch["image"].shape[:2]
-            batch = {"image": batch["image"].flatten(0, 1),
-                     "targets": {n: v.repeat_interleave(k, 0) if isinstance(v, Tensor) and v.ndim and len(v) == p else v
-                                 for n, v in batch["targets"].items()}}
+        batch = self.unfold(batch)
         outputs = self.model(batch["image"])  # one dict per supervised decoder layer
         targets = self.prepare(batch, outputs[-1])
         total, terms = None, {}
