@@ -10,7 +10,7 @@ What differs from the reference code (also in docs/evaluation.md):
   sub-pixel weights and applied with ``cv2.filter2D``, as ImageMagick's ``MotionBlurImage`` does.
 - Frost blends ImageNet-C's own frost photographs when the ``imagecorruptions`` package (Apache-2.0,
   which ships them) is installed (``frost_source() == "imagenet-c"``), else a procedurally generated
-  ice texture (``"generated"``, see ``_frost_texture``), which degrades images 3-5 dB less.
+  ice texture (``"generated"``, see ``_frost_texture``), which degrades images less (docs/evaluation.md).
 - Glass blur's sequential pixel swaps are done in non-overlapping parallel phases (vectorised); each
   pixel still swaps once per iteration with a random neighbour within the published distance.
 - Any size from 28 px up. Constants that are lengths in pixels (blur sigmas and radii, motion length,
