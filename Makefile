@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps imagecorruptions  # ImageNet-C's frost photos only (its deps would add opencv-python)
 	@touch $(STAMP)
 
 # The real offline data from Debian packages when we may install them: Fashion-MNIST's IDX files (else

@@ -172,6 +172,11 @@ def write_robustness_report(result: dict, out: Path) -> dict[str, Path]:
         if corr["not_applicable"]:
             page.para(f"Not applicable to {result['settings']['in_chans']}-channel images: "
                       + ", ".join(corr["not_applicable"]))
+        if corr.get("frost_source") == "imagenet-c":
+            page.para("Frost: ImageNet-C's frost photographs (package imagecorruptions).")
+        elif corr.get("frost_source") == "generated":
+            page.para("Frost: generated texture (imagecorruptions not installed); it degrades images less than "
+                      "ImageNet-C's photographs, so frost errors are not comparable with published ones.")
         files["corruptions_png"] = plot_corruptions(result, out / "corruption_accuracy.png")
         page.image(files["corruptions_png"], "accuracy vs severity")
 
