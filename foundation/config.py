@@ -402,17 +402,18 @@ def suggest(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "recipe") -> dict:
+    """A YAML file that holds a mapping (a recipe, a pipeline, ...); ``RecipeError`` naming the file otherwise."""
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: {what} file not found") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} is a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -493,11 +494,11 @@ def _literal_choices(e: dict) -> list[str]:
 def load_raw(path: str | Path) -> dict:
     """The recipe file merged over its ``base:`` (one level)."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        base_data = _read_yaml(base_path)
+        base_data = read_yaml(base_path)
         if "base" in base_data:
             raise RecipeError(f"{base_path}: a base recipe cannot itself have a base (one level only)")
         data = _merge(base_data, data)

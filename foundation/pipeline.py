@@ -31,7 +31,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from foundation.config import RecipeError, format_errors, suggest
+from foundation.config import RecipeError, format_errors, read_yaml, suggest
 
 log = logging.getLogger("foundation.pipeline")
 
@@ -159,22 +159,12 @@ class Pipeline(_Strict):
 # loading
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: pipeline file not found") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a pipeline is a mapping (name, stages, ...)")
-    return data
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
     """Validate a pipeline file and every stage's recipe with the overrides the runner will pass."""
     path = Path(path)
-    data = _read(path)
+    data = read_yaml(path, "pipeline")
     for o in overrides:  # top-level only: output_dir=..., name=..., wandb_group=...
         key, sep, value = o.partition("=")
         if not sep or key not in ("name", "output_dir", "wandb_group"):
