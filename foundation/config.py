@@ -199,7 +199,7 @@ class UniHCPConfig(Section):
     det_patterns: int = Field(3, gt=0)  # ... times content queries per anchor
     heatmap_sigma: float = Field(2.0, gt=0)  # pose: Gaussian sigma on the stride-4 heatmap
     pose_vis_weight: float = Field(1.0, ge=0)  # pose: visibility BCE weight (heatmap MSE x 1)
-    pose_mse_scale: float = Field(1000.0, gt=0)  # pose: the released code scales the heatmap MSE up
+    pose_mse_scale: float = Field(1000.0, gt=0)  # pose: heatmap MSE multiplier (our choice, not checked against the released code)
     dice_points: int = Field(12544, gt=0)  # parsing: points sampled for the mask losses (Mask2Former: 112*112)
     mask_weight: float = Field(5.0, ge=0)  # parsing: sigmoid cross-entropy on the sampled points
     dice_weight: float = Field(5.0, ge=0)
