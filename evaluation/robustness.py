@@ -460,14 +460,14 @@ def checkpoint_data(recipe) -> str | None:
 
 
 def default_out_dir(setup: EvalSetup, name: str) -> Path:
-    """``<run dir>/eval/<name>``: the run dir holds ``checkpoints/step_N``; --checkpoint may name either."""
+    """``<run dir>/eval/<name>``: the run dir holds ``checkpoints/step_N``; --checkpoint may name either. A bare
+    checkpoint directory (moved out of its run) is its own run dir: never the recipe's ``output_dir``, which the
+    checkpoint's author chose (docs/trust.md)."""
     path = setup.checkpoint.resolve()
     if path.parent.name == "checkpoints":
         run_dir = path.parent.parent
-    elif (path / "checkpoints").is_dir():
-        run_dir = path
     else:
-        run_dir = Path(setup.recipe.run_dir)
+        run_dir = path
     return run_dir / "eval" / name
 
 

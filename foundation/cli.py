@@ -15,7 +15,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from foundation.config import RecipeError
     from foundation.data import DataError
-    from foundation.engine.checkpoint import CheckpointError
+    from foundation.checkpoint_io import CheckpointError
 
     return RecipeError, DataError, CheckpointError, FileNotFoundError
 
@@ -80,7 +80,8 @@ def _run_eval(args: argparse.Namespace, evaluate, dual_encoder: bool = False) ->
     import torch
 
     from foundation.data.shards import build_eval_loader
-    from foundation.engine.checkpoint import CheckpointError, load_model
+    from foundation.artefacts import load_model
+    from foundation.checkpoint_io import CheckpointError
     from foundation.models.dual_encoder import DualEncoder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,6 +261,9 @@ def _device_problem(name: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from foundation.trust import hubs_offline
+
+    hubs_offline()  # the whole process: nothing read from an artefact can reach a hub (FOUNDATION_ALLOW_HUB=1 opts in)
     args = build_parser().parse_args(argv)
     problem = _device_problem(getattr(args, "device", None))
     if problem:

@@ -204,6 +204,9 @@ class UniHCPConfig(Section):
     mask_weight: float = Field(5.0, ge=0)  # parsing: sigmoid cross-entropy on the sampled points
     dice_weight: float = Field(5.0, ge=0)
     presence_weight: float = Field(2.0, ge=0)  # parsing: BCE on whether each class occurs
+    # the task's vocabulary (joints, classes, attributes, ids: the shards' manifest human_task entry); written
+    # into the run's recipe when training starts, so a checkpoint rebuilds without its shards. None: the manifest
+    vocabulary: dict[str, Any] | None = None
     attr_pos_ratios: list[float] | None = None  # attributes: positive ratio per attribute; None: counted while training
     triplet_weight: float = Field(1.0, ge=0)  # ReID: CE + this x batch-hard soft-margin triplet
     cost_class: float = Field(2.0, ge=0)  # detection: Hungarian costs and loss weights (focal / L1 / GIoU)

@@ -102,7 +102,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str, name: s
                       task: str | None = None) -> dict[str, Any]:
     """Export a checkpoint (or a run directory: its newest checkpoint) to ``fmt`` in ``out``. A multi-task
     run exports its shared backbone alone as timm weights, or one (clip/declip) ``task`` as open_clip."""
-    from foundation.engine.checkpoint import load_model, load_task
+    from foundation.artefacts import load_model, load_task
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {list(FORMATS)}")

@@ -30,7 +30,7 @@ class PredictError(ValueError):
 
 def unihcp_tasks(checkpoint: str | Path, device: str = "cpu") -> tuple[dict, object]:
     """``{task name: (UniHCPTask, its DataConfig)}`` of a checkpoint's UniHCP tasks, and the recipe."""
-    from foundation.engine.checkpoint import load_task
+    from foundation.artefacts import load_task
     from foundation.tasks.unihcp import UniHCPTask
 
     whole, _, recipe = load_task(checkpoint)

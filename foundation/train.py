@@ -226,6 +226,9 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
 
 def set_up(recipe: Recipe, info: DistInfo) -> Run:
     """Task (with ``model.init`` and ``model.freeze``), optimizer, schedule, engine, EMA, resume, data, tracking."""
+    from foundation.artefacts import self_contained
+
+    recipe = self_contained(recipe)  # class counts and vocabularies from the shards, into the run's recipe.yaml
     cfg = recipe.train
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
     setup_logging(run_dir, info.is_main)
@@ -324,9 +327,14 @@ def check_resumable(state: dict, recipe: Recipe, info: DistInfo, ckpt: Path) -> 
             f"model.init: {{path: {ckpt}, part: all}} (and train.resume=none)")
     if not (ckpt / "recipe.yaml").is_file():
         return
+    from foundation.artefacts import load_artefact_recipe
+    from foundation.trust import ArtefactRefused
+
     try:
-        old = load_recipe(ckpt / "recipe.yaml")
-    except RecipeError:
+        old = load_artefact_recipe(ckpt)  # through the artefact gate: no base: include, local names only
+    except ArtefactRefused:
+        raise
+    except RecipeError:  # an older schema: nothing to compare
         return
     for section, key in (("train", "steps"), ("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_steps"),
                          ("optim", "warmup_lr"), ("optim", "schedule"), ("optim", "weight_decay")):

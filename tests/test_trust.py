@@ -7,6 +7,7 @@ did not run (its marker file does not exist).
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -18,6 +19,10 @@ from conftest import tiny_recipe
 from foundation.cli import main
 from foundation.config import RecipeError, validate
 from foundation.train import train
+from foundation.trust import (
+    ArtefactRefused, check_open_clip_config, check_recipe, check_timm_export, hubs_offline, inside, model_kwargs,
+    output_under, read_artefact_yaml, timm_name,
+)
 
 
 class _Payload:
@@ -99,3 +104,148 @@ def test_quantized_checkpoint_kwargs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_path"):
         build_architecture({"source": "timm", "name": "resnet10t", "kwargs": {"checkpoint_path": str(evil)}})
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the artefact gate (foundation/trust.py): unit tests, no process started
+
+
+@pytest.mark.parametrize("name", ["hf-hub:timm/resnet18.a1_in1k", "local-dir:/tmp/model", "https://x.invalid/m",
+                                  "/etc/passwd", "../resnet18", "timm/resnet18", "no_such_model", "", None, 3])
+def test_model_names_must_be_registered_here(name):
+    with pytest.raises(ArtefactRefused, match="model.backbone"):
+        timm_name(name, "model.backbone")
+
+
+def test_registered_names_pass_ours_included():
+    assert timm_name("resnet10t", "x") == "resnet10t"
+    assert timm_name("ceit_test", "x") == "ceit_test"
+    assert timm_name("intern_generalist", "x") == "intern_generalist"
+
+
+def test_kwargs_pass_the_family_allow_list_only():
+    ok = {"channels": [16, 32, 64, 128], "stem_width": 16, "global_pool": "avg"}
+    assert model_kwargs("resnet10t", ok, "k") == ok
+    assert model_kwargs("vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2}, "k") == {"embed_dim": 64, "depth": 2}
+    # keys no deny-list names: an allow-list refuses them all the same
+    for key in ("checkpoint_path", "pretrained_cfg_overlay", "cache_dir", "block", "norm_layer", "act_layer",
+                "embed_layer", "weight_init", "device"):
+        with pytest.raises(ArtefactRefused, match=rf"k\.{key}: not an allowed argument for"):
+            model_kwargs("vit_tiny_patch16_224", {key: "x"}, "k")
+    with pytest.raises(ArtefactRefused, match="not a plain value"):
+        model_kwargs("resnet10t", {"global_pool": "/etc/passwd"}, "k")
+    with pytest.raises(ArtefactRefused, match="plain data"):
+        model_kwargs("resnet10t", {"global_pool": object()}, "k")
+
+
+def test_generalist_base_and_experts_are_gated(tmp_path):
+    with pytest.raises(ArtefactRefused, match=r"k\.base: 'hf-hub:timm/vit_tiny_patch16_224'"):
+        model_kwargs("intern_generalist", {"base": "hf-hub:timm/vit_tiny_patch16_224", "experts": []}, "k", tmp_path)
+    with pytest.raises(ArtefactRefused, match="cannot be the base of a generalist"):
+        model_kwargs("intern_generalist", {"base": "intern_generalist"}, "k", tmp_path)
+    with pytest.raises(ArtefactRefused, match=r"k\.checkpoint_path"):  # base's own kwargs pass base's family list
+        model_kwargs("intern_generalist", {"base": "vit_tiny_patch16_224", "checkpoint_path": "x"}, "k", tmp_path)
+    with pytest.raises(ArtefactRefused, match="outside the artefact"):
+        model_kwargs("intern_generalist", {"experts": ["../../elsewhere"]}, "k", tmp_path)
+    with pytest.raises(ArtefactRefused, match="not a local path"):
+        model_kwargs("intern_generalist", {"experts": ["hf-hub:org/x"]}, "k", tmp_path)
+    (tmp_path / "e").mkdir()
+    out = model_kwargs("intern_generalist", {"base": "vit_tiny_patch16_224", "experts": ["e"], "embed_dim": 64}, "k",
+                       tmp_path)
+    assert out == {"base": "vit_tiny_patch16_224", "experts": [str((tmp_path / "e").resolve())], "embed_dim": 64}
+
+
+def test_a_checkpoint_recipe_includes_no_other_file(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("base: /home/user/secret.yaml\nname: x\n")
+    with pytest.raises(ArtefactRefused, match="base: a recipe read from a checkpoint includes no other file"):
+        read_artefact_yaml(tmp_path / "recipe.yaml")
+    (tmp_path / "recipe.yaml").write_text("name: x\n")
+    assert read_artefact_yaml(tmp_path / "recipe.yaml") == {"name": "x"}
+
+
+def test_checkpoint_recipe_model_section_is_gated(tmp_path):
+    for model, match in (({"backbone": "hf-hub:timm/resnet18"}, "model.backbone"),
+                         ({"backbone": "resnet10t", "kwargs": {"pretrained": True}}, "model.kwargs.pretrained"),
+                         ({"backbone": "resnet10t", "dual_encoder": {"vision_open_clip": "hf-hub:x/y"}},
+                          "vision_open_clip"),
+                         ({"backbone": "resnet10t", "dual_encoder": {"text": {"hf_model": "bert-base-uncased"}}},
+                          "text.hf_model")):
+        with pytest.raises(ArtefactRefused, match=match):
+            check_recipe({"model": model}, tmp_path, "r")
+
+
+def test_timm_export_config_is_gated(tmp_path):
+    good = {"architecture": "resnet10t", "num_classes": 0, "in_chans": 1, "kwargs": {"stem_width": 16},
+            "pretrained_cfg": {"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5], "interpolation": "bilinear",
+                               "crop_pct": 1.0}, "note": "x"}
+    assert check_timm_export(good, tmp_path)["kwargs"] == {"stem_width": 16}
+    for edit, match in (({"architecture": "hf-hub:timm/resnet18"}, "architecture"),
+                        ({"kwargs": {"checkpoint_path": "/x.pth"}}, "kwargs.checkpoint_path"),
+                        ({"pretrained_cfg": {"hf_hub_id": "timm/x"}}, "pretrained_cfg.hf_hub_id"),
+                        ({"file": "x"}, r"config.json\.file"),
+                        ({"num_classes": "10"}, "num_classes")):
+        with pytest.raises(ArtefactRefused, match=match):
+            check_timm_export({**good, **edit}, tmp_path)
+
+
+def test_open_clip_export_config_is_gated(tmp_path):
+    (tmp_path / "text").mkdir()
+    good = {"model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                          "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}},
+            "preprocess_cfg": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}}
+    assert check_open_clip_config(good, tmp_path) == good
+    local = {**good, "model_cfg": {**good["model_cfg"], "text_cfg": {"hf_model_name": "text", "width": 32}}}
+    assert check_open_clip_config(local, tmp_path)["model_cfg"]["text_cfg"]["hf_model_name"] == str(tmp_path / "text")
+
+    def edited(part, **kv):
+        cfg = json.loads(json.dumps(good))
+        cfg["model_cfg"][part].update(kv)
+        return cfg
+
+    for cfg, match in ((edited("text_cfg", hf_model_name="bert-base-uncased"), "not a directory inside the export"),
+                       (edited("text_cfg", hf_model_name="hf-hub:org/bert"), "not a path inside"),
+                       (edited("text_cfg", hf_model_pretrained=True), "hf_model_pretrained"),
+                       (edited("text_cfg", hf_tokenizer_name="/etc"), "outside the artefact"),
+                       (edited("vision_cfg", timm_model_name="hf-hub:timm/vit_tiny_patch16_224"), "timm_model_name"),
+                       (edited("vision_cfg", timm_model_pretrained=True), "timm_model_pretrained"),
+                       (edited("vision_cfg", norm_kwargs={"device": "meta"}), r"norm_kwargs\.device: not an allowed key"),
+                       (edited("vision_cfg", embed_layer="x"), r"vision_cfg\.embed_layer: not an allowed key")):
+        with pytest.raises(ArtefactRefused, match=match):
+            check_open_clip_config(cfg, tmp_path)
+
+
+def test_quant_json_arch_is_gated(tmp_path):
+    from foundation.quant.config import check_arch
+
+    assert check_arch({"source": "timm", "name": "resnet10t", "kwargs": {"stem_width": 16}}, tmp_path)["name"] == "resnet10t"
+    for arch, match in (({"source": "timm", "name": "hf-hub:timm/resnet18"}, r"arch\.name"),
+                        ({"source": "timm", "name": "resnet10t", "kwargs": {"pretrained_cfg": {}}}, "pretrained_cfg"),
+                        ({"source": "recipe", "model": {"backbone": "local-dir:/x"}}, "backbone"),
+                        ({"source": "pickle"}, r"arch\.source")):
+        with pytest.raises(ArtefactRefused, match=match):
+            check_arch(arch, tmp_path)
+
+
+def test_paths_stay_inside(tmp_path):
+    assert inside("a/b", tmp_path, "w") == (tmp_path / "a" / "b").resolve()
+    for bad in ("../x", "/etc/passwd", "a/../../x", "https://x.invalid/a", "pipe:cat x"):
+        with pytest.raises(ArtefactRefused):
+            inside(bad, tmp_path, "w")
+    assert output_under(tmp_path / "run" / "eval", [tmp_path / "run"], "w") == (tmp_path / "run" / "eval").resolve()
+    with pytest.raises(ArtefactRefused, match="--out"):
+        output_under(tmp_path / "elsewhere", [tmp_path / "run"], "w")
+
+
+def test_hubs_are_offline_unless_the_user_opts_in():
+    env = {}
+    assert hubs_offline(env) and env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    env = {"FOUNDATION_ALLOW_HUB": "1"}
+    assert not hubs_offline(env) and "HF_HUB_OFFLINE" not in env
+
+
+def test_a_hub_backbone_in_a_checkpoint_is_one_error_line(trained, digits_shards, tmp_path, capsys):
+    ckpt = _tampered(trained, tmp_path, lambda r: r["model"].update(backbone="hf-hub:timm/resnet18.a1_in1k"))
+    code = main(["eval", "classification", "--checkpoint", str(ckpt), "--data", str(digits_shards)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "model.backbone" in err and "hf-hub:timm/resnet18.a1_in1k" in err

@@ -13,7 +13,8 @@
 
 Only the recipe's preprocessing settings are used, never its data paths: the data to adapt on come
 from the command line. Nothing read from a checkpoint runs code (safetensors, or
-``torch.load(weights_only=True)``).
+``torch.load(weights_only=True)``), and every configuration file of an export passes the artefact gate
+(``foundation.trust``: registered model names, allowed kwargs, files inside the export).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from foundation.checkpoint_io import CheckpointError, load_weights, read_state_dict, resolve_checkpoint
 from foundation.config import DataConfig
-from foundation.engine.checkpoint import CheckpointError, find_latest, load_weights, read_tensors
+from foundation.trust import check_open_clip_config, check_timm_export, sha256_of, timm_name
 
 FEATURES = ("pooled", "projected")
 
@@ -79,17 +81,8 @@ class _Call(nn.Module):
         return getattr(self.owner, self.method)(images)
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _identity(weight_files: list[Path], feature: str, preprocessing: dict, extra: str = "") -> str:
-    payload = json.dumps({"weights": _sha256_files(weight_files), "feature": feature, "pre": preprocessing,
+    payload = json.dumps({"weights": sha256_of(weight_files), "feature": feature, "pre": preprocessing,
                           "extra": extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -101,24 +94,13 @@ def _check_feature(feature: str, allowed: tuple[str, ...], what: str) -> None:
         raise CheckpointError(f"--feature {feature}: {what} has no such feature; it offers {list(allowed)}")
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    if (path / "model.safetensors").is_file() and (path / "recipe.yaml").is_file():
-        return path
-    latest = find_latest(path / "checkpoints") or find_latest(path)
-    if latest is None:
-        raise CheckpointError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
-    return latest
-
-
 def _platform_backbone(path: Path, feature: str, image_size: int | None) -> Backbone:
+    from foundation.artefacts import load_artefact_recipe, load_model
     from foundation.data.transforms import normalization
-    from foundation.engine.checkpoint import load_model
     from foundation.models.dual_encoder import DualEncoder
 
-    ckpt = _checkpoint_dir(path)
-    from foundation.config import load_recipe
-
-    if load_recipe(ckpt / "recipe.yaml").tasks is not None:
+    ckpt = resolve_checkpoint(path)
+    if load_artefact_recipe(ckpt).tasks is not None:
         return _multitask_backbone(ckpt, feature, image_size)
     model, recipe = load_model(ckpt)
     mean, std = normalization(recipe.data)
@@ -152,8 +134,8 @@ def _platform_backbone(path: Path, feature: str, image_size: int | None) -> Back
 
 def _multitask_backbone(ckpt: Path, feature: str, image_size: int | None) -> Backbone:
     """A multi-task run's shared backbone (pooled features), with its first task's preprocessing."""
+    from foundation.artefacts import load_task
     from foundation.data.transforms import normalization
-    from foundation.engine.checkpoint import load_task
 
     _check_feature(feature, ("pooled",), "a multi-task run's shared backbone")
     whole, _, recipe = load_task(ckpt)
@@ -180,25 +162,6 @@ def _open_clip_pooled(visual: nn.Module) -> nn.Module:
     return pooled
 
 
-def _read_state_dict(file: Path) -> dict[str, Tensor]:
-    """Weights from a .safetensors file, or a torch file loaded with ``weights_only=True`` (never runs code)."""
-    if not file.is_file():
-        raise CheckpointError(f"weights file not found: {file}")
-    if file.suffix == ".safetensors":
-        return read_tensors(file)
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusing a class, a truncated file ...
-        raise CheckpointError(f"{file}: refused or unreadable torch file ({type(e).__name__}: {e}); "
-                              "only tensors and plain containers are loaded (weights_only=True)") from None
-    for key in ("state_dict", "model", "module", "model_state"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{file}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def _timm_backbone(name: str, weights: Path, feature: str, image_size: int | None, in_chans: int = 3,
                    kwargs: dict | None = None, pretrained_cfg: dict | None = None) -> Backbone:
     import timm
@@ -210,7 +173,7 @@ def _timm_backbone(name: str, weights: Path, feature: str, image_size: int | Non
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **(kwargs or {}))
     except RuntimeError as e:  # timm: unknown model name
         raise CheckpointError(f"timm:{name}: {e}") from None
-    tensors = _read_state_dict(weights)
+    tensors = read_state_dict(weights)
     report = load_weights(model, tensors, strict=False)
     if report.missing or report.mismatched:
         raise CheckpointError(f"{weights} does not fit timm model {name}: {report.summary()}")
@@ -229,7 +192,7 @@ def _timm_backbone(name: str, weights: Path, feature: str, image_size: int | Non
 def _open_clip_backbone(path: Path, feature: str, image_size: int | None) -> Backbone:
     import open_clip
 
-    config = json.loads((path / "open_clip_config.json").read_text())
+    config = check_open_clip_config(_read_json(path / "open_clip_config.json"), path)
     weights = next((p for p in (path / "open_clip_model.safetensors", path / "open_clip_pytorch_model.bin")
                     if p.is_file()), None)
     if weights is None:
@@ -253,6 +216,13 @@ def _open_clip_backbone(path: Path, feature: str, image_size: int | None) -> Bac
                     {"open_clip": str(path)}, None)
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable JSON ({e})") from None
+
+
 def load_backbone(spec: str, *, feature: str = "pooled", weights: str | None = None,
                   image_size: int | None = None) -> Backbone:
     """The frozen feature extractor of ``spec`` (see the module docstring for the kinds), on the CPU, in eval mode.
@@ -264,7 +234,8 @@ def load_backbone(spec: str, *, feature: str = "pooled", weights: str | None = N
         if not weights:
             raise CheckpointError(f"--checkpoint {spec} needs --weights FILE (a local weights file; nothing is "
                                   "downloaded)")
-        return _timm_backbone(spec[len("timm:"):], Path(weights).expanduser(), feature, image_size)
+        name = timm_name(spec[len("timm:"):], f"--checkpoint {spec}")
+        return _timm_backbone(name, Path(weights).expanduser(), feature, image_size)
     path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"--checkpoint {spec}: not found (a run directory, a checkpoints/step_N directory, "
@@ -272,10 +243,9 @@ def load_backbone(spec: str, *, feature: str = "pooled", weights: str | None = N
     if (path / "open_clip_config.json").is_file():
         return _open_clip_backbone(path, feature, image_size)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (path / "recipe.yaml").is_file():
-        cfg = json.loads((path / "config.json").read_text())  # a `foundation export --format timm` folder
-        pc = cfg.get("pretrained_cfg") or None
+        cfg = check_timm_export(_read_json(path / "config.json"), path)  # a `foundation export --format timm` folder
         return _timm_backbone(cfg["architecture"], path / "model.safetensors", feature, image_size,
-                              in_chans=cfg.get("in_chans", 3), kwargs=cfg.get("kwargs"), pretrained_cfg=pc)
+                              in_chans=cfg["in_chans"], kwargs=cfg["kwargs"], pretrained_cfg=cfg["pretrained_cfg"])
     return _platform_backbone(path, feature, image_size)
 
 

@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from foundation.checkpoint_io import CheckpointError, LoadReport, load_weights, source_tensors
 from foundation.config import InitConfig, OptimConfig, RecipeError
-from foundation.engine.checkpoint import (
-    CheckpointError, LoadReport, find_latest, load_weights, read_tensors, safe_torch_load,
-)
 
 log = logging.getLogger("foundation")
 
@@ -33,47 +31,6 @@ log = logging.getLogger("foundation")
 def backbone_of(task: nn.Module) -> nn.Module:
     """The part of a task that ``part: backbone`` loads into and layer decay counts layers of."""
     return task.get_submodule(getattr(task, "backbone_name", "model"))
-
-
-def source_tensors(path: str | Path, part: str) -> dict[str, Tensor]:
-    """The tensors ``model.init`` offers from ``path``: a run or step directory, a safetensors file, or a
-    timm / open_clip checkpoint (``weights_only`` load; ``state_dict``/``model`` wrappers and DDP's
-    ``module.`` prefix removed). ``part: backbone`` keeps a platform checkpoint's backbone only, named as
-    the backbone names its weights (a file that is not a platform checkpoint is taken as it is)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        step = p if (p / "model.safetensors").is_file() else (find_latest(p / "checkpoints") or find_latest(p))
-        if step is None:
-            raise CheckpointError(f"model.init.path: {p} is neither a checkpoint (step_N) nor a run directory with checkpoints")
-        return _platform_tensors(step, part)
-    if not p.is_file():
-        raise CheckpointError(f"model.init.path: {p} does not exist")
-    if p.suffix == ".safetensors":
-        return read_tensors(p)
-    state = safe_torch_load(p)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"model.init.path: {p} holds no mapping of tensor names to tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _platform_tensors(step: Path, part: str) -> dict[str, Tensor]:
-    import yaml
-
-    recipe = yaml.safe_load((step / "recipe.yaml").read_text()) if (step / "recipe.yaml").is_file() else {}
-    model = read_tensors(step / "model.safetensors")
-    multi = bool(recipe.get("tasks"))
-    if part == "all":
-        prefix = "" if multi else "model."
-        tensors = {prefix + k: v for k, v in model.items()}
-        if (step / "task.safetensors").is_file():
-            tensors.update(read_tensors(step / "task.safetensors"))
-        return tensors
-    task_name = (recipe.get("task") or {}).get("name", "classification")
-    inner = "backbone." if multi else ("visual." if task_name in ("clip", "declip") else "")
-    return {k[len(inner):]: v for k, v in model.items() if k.startswith(inner)}
 
 
 def _remap(name: str, remap: dict[str, str]) -> str:

@@ -7,7 +7,7 @@ import difflib
 import timm
 from torch import nn
 
-from foundation.config import ModelConfig, refuse_file_loading
+from foundation.config import ModelConfig, RecipeError, refuse_file_loading
 
 
 def create_backbone(cfg: ModelConfig, in_chans: int = 3) -> nn.Module:
@@ -17,10 +17,11 @@ def create_backbone(cfg: ModelConfig, in_chans: int = 3) -> nn.Module:
     """
     import foundation.models  # noqa: F401  (make sure our models are registered)
 
-    if not timm.is_model(cfg.backbone):
+    if not timm.is_model(cfg.backbone):  # also every hf-hub:, local-dir:, URL or path: nothing is fetched
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {close}?" if close else "; see timm.list_models()"
-        raise ValueError(f"model.backbone: unknown model {cfg.backbone!r}{hint}")
+        raise RecipeError(f"model.backbone: {cfg.backbone!r} is not a model registered here (no hf-hub:, local-dir:, "
+                          f"URL or path){hint}")
     kwargs = refuse_file_loading(cfg.kwargs, "model.kwargs")  # also for recipes built without validation
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size

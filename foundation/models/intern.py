@@ -97,8 +97,7 @@ class MapAdapter(nn.Module):
 def load_expert(model: nn.Module, path: str) -> None:
     """An expert's backbone weights from a finished run (safetensors / weights_only); every tensor of the
     backbone must be there (a classifier head in the source is ignored)."""
-    from foundation.engine.checkpoint import CheckpointError, load_weights
-    from foundation.engine.transfer import source_tensors
+    from foundation.checkpoint_io import CheckpointError, load_weights, source_tensors
 
     report = load_weights(model, source_tensors(path, "backbone"), strict=False)
     if report.missing or report.mismatched:

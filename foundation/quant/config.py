@@ -180,3 +180,31 @@ def load_quant_config(path: str | Path | None = None, overrides: dict[str, Any] 
         return QuantConfig.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_errors(e, source, QuantConfig, "quantization recipe")) from None
+
+
+def check_arch(arch: Any, root: Path) -> dict[str, Any]:
+    """A quantized checkpoint's ``quant.json`` ``arch`` through the artefact gate (``foundation.trust``): a
+    registered timm name with allowed kwargs, or a recipe's model section / recipe gated as a checkpoint's
+    recipe is. Anything else is refused before it reaches timm."""
+    from foundation.trust import ArtefactRefused, check_model_section, check_recipe, model_kwargs, timm_name
+
+    where = f"{Path(root) / 'quant.json'}: arch"
+    source = arch.get("source") if isinstance(arch, dict) else None
+    if source == "timm":
+        name = timm_name(arch.get("name"), f"{where}.name")
+        return {"source": "timm", "name": name, "kwargs": model_kwargs(name, arch.get("kwargs") or {}, f"{where}.kwargs", root)}
+    if source == "recipe":
+        in_chans = arch.get("in_chans", 3)
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or not 0 < in_chans <= 64:
+            raise ArtefactRefused(f"{where}.in_chans: {in_chans!r} is not a channel count")
+        model = check_model_section(arch.get("model"), root, f"{where}.model")
+        if not isinstance(model, dict):
+            raise ArtefactRefused(f"{where}.model: a mapping (the recipe's model section)")
+        return {"source": "recipe", "model": model, "in_chans": in_chans}
+    if source == "recipe_tower":
+        recipe = arch.get("recipe")
+        if not isinstance(recipe, dict) or arch.get("tower") not in ("image", "text"):
+            raise ArtefactRefused(f"{where}: recipe_tower needs a recipe mapping and tower 'image' or 'text'")
+        return {"source": "recipe_tower", "recipe": check_recipe(recipe, root, f"{where}.recipe"), "tower": arch["tower"]}
+    raise ArtefactRefused(f"{where}.source: {source!r}; a quantized checkpoint's architecture is 'timm', 'recipe' or "
+                          "'recipe_tower'")

@@ -155,7 +155,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: quantized checkpoint format {meta.get('format')} (this code reads {FORMAT_VERSION})")
-    model = build_architecture(meta["arch"]).eval()
+    from foundation.quant.config import check_arch
+
+    model = build_architecture(check_arch(meta["arch"], path)).eval()  # the artefact gate first
     for conv_name, bn_name in meta["folded_bn"]:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:

@@ -8,8 +8,9 @@ linear projection to the teacher's width (a task tensor, task.safetensors), ``t_
 frozen teacher's pooled feature and one classification head's logits. The teacher is a finished run
 (``task.distill.teacher``: a run directory or checkpoint, read safely); it is held outside the module
 tree, so it is never trained, saved, wrapped by DDP or copied by EMA. ``model.safetensors`` of a distill
-run is the student alone (a timm model with the head's classes), so ``foundation eval`` / ``quantize`` /
-``export`` / timm take it as any classifier.
+run is the student alone (a timm model with the head's classes): ``foundation eval`` / ``quantize`` /
+``export`` / timm take it as any classifier, and loading it never reads the teacher
+(``foundation.artefacts`` rebuilds it as a classification task).
 """
 
 from __future__ import annotations
@@ -39,27 +40,42 @@ class _Teacher(nn.Module):
 
 
 def load_teacher(path: str, head: str | None) -> tuple[_Teacher, int, int]:
-    """The teacher of ``path`` (frozen, eval mode), its feature width and the head's class count."""
-    from foundation.engine.checkpoint import load_task
-    from foundation.tasks.classification import ClassificationTask
+    """The teacher of ``path`` (frozen, eval mode), its feature width and the head's class count: a single-task
+    classification run's timm classifier, or a multi-task run's shared backbone with one classification head.
+    Built from the checkpoint's recipe (through the artefact gate) and its weights, never by running a task."""
+    from foundation.checkpoint_io import load_weights, read_raw_recipe, read_tensors, resolve_checkpoint
+    from foundation.config import validate
+    from foundation.trust import check_recipe
 
-    whole, ckpt, recipe = load_task(path)
+    ckpt = resolve_checkpoint(path, "task.distill.teacher")
+    raw = check_recipe(read_raw_recipe(ckpt), ckpt, str(ckpt / "recipe.yaml"))
+    recipe = validate(raw, str(ckpt / "recipe.yaml"))
+    tensors = read_tensors(ckpt / "model.safetensors")
     if recipe.tasks is None:
-        if not isinstance(whole, ClassificationTask) or not hasattr(whole.model, "forward_head"):
+        if recipe.task.name != "classification":
             raise RecipeError(f"task.distill.teacher: {ckpt} is task {recipe.task.name!r}; distill takes a "
                               "classification run or a multi-task run with a classification task")
-        model = whole.model
+        model = create_backbone(recipe.model, in_chans=recipe.data.in_chans)
+        load_weights(model, tensors)
         teacher = _Teacher(model, True, model.get_classifier())
         width, classes = feature_width(model), model.num_classes
     else:
-        heads = [n for n, t in whole.tasks.items() if isinstance(t, ClassificationTask)]
+        heads = [n for n, e in recipe.tasks.items() if e.task.name == "classification"]
         if head is None and len(heads) == 1:
             head = heads[0]
         if head not in heads:
             raise RecipeError(f"task.distill.head: {head!r} is not a classification task of {ckpt}; choose from {heads}")
-        linear = whole.tasks[head].model.head
-        teacher = _Teacher(whole.backbone, False, linear)
-        width, classes = feature_width(whole.backbone), linear.out_features
+        in_chans = next(iter(recipe.tasks.values())).data.in_chans
+        backbone = create_backbone(recipe.model.model_copy(update={"num_classes": 0}), in_chans=in_chans)
+        load_weights(backbone, {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        prefix = f"tasks.{head}.model.head."
+        weight = tensors.get(prefix + "weight")
+        if weight is None:
+            raise RecipeError(f"task.distill.head: {ckpt} holds no {prefix}weight")
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=prefix + "bias" in tensors)
+        load_weights(linear, {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+        teacher = _Teacher(backbone, False, linear)
+        width, classes = feature_width(backbone), linear.out_features
     teacher.requires_grad_(False)
     return teacher.eval(), width, classes
 

@@ -77,7 +77,7 @@ class UniHCPTask(nn.Module):
         if not data.human:
             raise RecipeError(f"task {task.name}: set data.human: true (UniHCP reads human-centric targets)")
         cfg = task.unihcp
-        meta = _human_task(data)
+        meta = cfg.vocabulary if cfg.vocabulary is not None else _human_task(data)  # a run's own copy first
         if meta.get("kind") != cls.kind:
             raise RecipeError(f"task {task.name}: data.train holds {meta.get('kind')!r} shards, expected {cls.kind!r}")
         own = backbone is None
