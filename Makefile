@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench install fmnist-files clean-runs
+.PHONY: demo test test-all bench install fmnist-files clean-runs
 
 install: $(STAMP)
 
@@ -68,8 +68,13 @@ demo: $(STAMP) fmnist-files $(DEMO_DATA)/manifest.json
 		"runs/declip_vit_tiny_fmnist/eval/zeroshot.json, runs/humans_check/ (synthetic humans with their labels drawn)," \
 		"runs/unihcp_tiny_synthetic/eval/*.json and predict/prediction.png (UniHCP, five tasks, one checkpoint)"
 
+# fast tier: every module's units and small end-to-end checks (minutes); a test over its timeout is a hang
 test: $(STAMP) fmnist-files
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -m "not slow" -q --durations=15 --timeout=300 tests
+
+# full tier (CI): also multi-process, elastic, resume-after-SIGKILL, training-quality and benchmark smoke tests
+test-all: $(STAMP) fmnist-files
+	$(PY) -m pytest -q --durations=30 --timeout=1500 tests
 
 bench: $(STAMP) fmnist-files
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done

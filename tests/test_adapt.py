@@ -223,6 +223,7 @@ def parity_shards(digits_shards, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_finetuning_from_a_pretrained_checkpoint_beats_random_init_on_a_new_task(tiny_run, parity_shards, tmp_path,
                                                                                    capsys):
     from safetensors.torch import load_file
@@ -263,6 +264,7 @@ def test_finetuning_from_a_pretrained_checkpoint_beats_random_init_on_a_new_task
     assert final["fc.weight"].shape == (2, 128)
 
 
+@pytest.mark.slow
 def test_suite_table_equals_the_cell_files_and_resumes_without_recomputing(tiny_run, digits_shards, parity_shards,
                                                                            tmp_path, capsys):
     import yaml
@@ -303,6 +305,7 @@ def test_suite_table_equals_the_cell_files_and_resumes_without_recomputing(tiny_
     assert all(Path(f).stat().st_mtime_ns == t for f, t in stamps.items() if "knn" not in Path(f).name)
 
 
+@pytest.mark.slow
 def test_clip_vision_tower_and_open_clip_export_as_backbones(tmp_path):
     from test_clip import clip_recipe, write_caption_shards
 

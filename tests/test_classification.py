@@ -17,6 +17,7 @@ from foundation.train import train
 CEIT = {"backbone": "ceit_test", "num_classes": 10, "img_size": 32}
 
 
+@pytest.mark.slow
 def test_deit_style_recipe_learns(digits_shards, tmp_path):
     """Every DeiT ingredient at once (label smoothing, mixup + cutmix, RandAugment, random erasing, bicubic,
     EMA) on the tiny CeiT: it must learn, not only stay finite. Measured (150 steps, 2-core CPU, ~25 s):
@@ -59,6 +60,7 @@ def test_randaugment_increasing_posterize_at_full_magnitude_does_not_crash():
         assert transform(img).shape == (1, 32, 32)
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_in_timm_and_eval_cli(digits_shards, tmp_path):
     recipe = validate(tiny_recipe(digits_shards, tmp_path, "ceit", model=CEIT, train={"steps": 3}))
     train(recipe)

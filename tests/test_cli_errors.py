@@ -135,6 +135,7 @@ def test_cli_error_is_one_line_and_exit_2(case, runs, capsys):
     assert fragment in lines[0], (case, lines[0])
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_no_traceback(runs):
     """The real entry point, in its own process: a classification checkpoint given to zero-shot (an
     AttributeError traceback before)."""
@@ -147,6 +148,7 @@ def test_the_installed_command_prints_no_traceback(runs):
         "(use eval classification)"]
 
 
+@pytest.mark.slow
 def test_recipes_check_validates_every_repo_recipe_with_its_own_schema():
     out = subprocess.run([FOUNDATION, "recipes", "check", "recipes/"], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -99,6 +99,7 @@ def test_declip_lowers_every_loss_term_and_zero_shot(declip_run):
     assert summary["eval/retrieval/text_to_image_R@1"] == pytest.approx(100 * 1 / 16), summary
 
 
+@pytest.mark.slow
 def test_declip_killed_and_resumed_equals_a_straight_run(shards, tmp_path):
     """20 DeCLIP steps straight == 10 steps, SIGKILL after the checkpoint, resume for 10 more: every loss
     term (MLM masks, EDA captions, two views, the NNS queue all carry state or randomness across the kill)
@@ -222,6 +223,7 @@ torch.save(data, io_path)
 """
 
 
+@pytest.mark.slow
 def test_open_clip_export_round_trip_in_a_clean_process(declip_run, tmp_path):
     from foundation.cli import main
 
@@ -246,6 +248,7 @@ def test_open_clip_export_round_trip_in_a_clean_process(declip_run, tmp_path):
     assert local_dir["preprocess_cfg"]["mean"] == [0.5] * 3 and local_dir["model_cfg"]["text_cfg"]["vocab_size"] == 49409
 
 
+@pytest.mark.slow
 def test_quantize_a_dual_encoder_with_outlier_suppression_on_both_towers(declip_run, shards, tmp_path):
     """`foundation quantize` on a DeCLIP checkpoint: both towers W8A8 (RTN and QDrop, with Outlier
     Suppression), calibrated on images and captions, judged by zero-shot top-1; towers reload."""
@@ -283,6 +286,7 @@ def test_quantize_a_dual_encoder_with_outlier_suppression_on_both_towers(declip_
     assert (out / "qdrop_w8a8_os_academic" / "image" / "quant.json").is_file()
 
 
+@pytest.mark.slow
 def test_robustness_and_sysnoise_evaluate_a_dual_encoder_as_a_zero_shot_classifier(declip_run, shards, tmp_path):
     from foundation.cli import main
 

@@ -89,6 +89,7 @@ def test_cli_exit_code_2_and_message(tmp_path, capsys):
     assert "trian: unknown key (did you mean 'train'?)" in err
 
 
+@pytest.mark.slow
 def test_recipes_check_cli(tmp_path):
     good = write(tmp_path, "good.yaml", {"name": "x"})
     bad = write(tmp_path, "bad.yaml", {"optim": {"lr": "fast"}})

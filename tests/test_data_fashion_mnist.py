@@ -14,6 +14,8 @@ from foundation.config import DataConfig
 from foundation.data.shards import build_train_loader, class_names, iter_raw_samples, read_manifest
 from foundation.data.sources.idx import FASHION_MNIST_CLASSES, read_idx
 
+pytestmark = pytest.mark.slow  # builds all 70,000 images into shards: the full tier (make test-all)
+
 SRC = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -118,6 +118,7 @@ def test_deepspeed_launcher_zero3_config_file_and_resume(digits_shards, tmp_path
     assert summaries(prefix)[0]["steps_this_run"] == 3
 
 
+@pytest.mark.slow
 def test_ddp_forced_on_one_process_matches_single(digits_shards, tmp_path):
     """parallel.backend=ddp on one process (one GPU, or a launcher-less run) opens a one-rank group and
     trains exactly like the plain single-process loop; torchrun with one rank takes the same path."""

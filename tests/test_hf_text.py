@@ -168,6 +168,7 @@ def test_open_clip_export_of_a_directory_tower(bert_dir):
         assert torch.allclose(theirs.encode_image(x), ours.encode_image(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_quantize_bert_text_tower_with_outlier_suppression(clip_run, shards, tmp_path):
     """`foundation quantize --outlier-suppression` on a checkpoint whose text tower is BERT: every post-LN
     LayerNorm's γ moves into the next Linear layers and the residual shortcut it feeds; the quantized

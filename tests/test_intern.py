@@ -137,6 +137,7 @@ def pipeline_run(digits_shards, tmp_path_factory) -> dict:
     return {"root": root, "runs": runs, "path": path, "before": before, "killed_at": killed_at, "stdout": result.stdout}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_in_order(pipeline_run):
     runs = pipeline_run["runs"]
     for ref, steps in (("amateur", 4), ("experts/digits", 12), ("experts/slow", 12), ("generalist", 4)):
@@ -155,6 +156,7 @@ def test_pipeline_runs_every_stage_in_order(pipeline_run):
     assert "| generalist | done | 4 |" in pipeline_run["stdout"]
 
 
+@pytest.mark.slow
 def test_killed_pipeline_resumes_inside_stage_2(pipeline_run):
     runs, before = pipeline_run["runs"], pipeline_run["before"]
     amateur = runs / "amateur"
@@ -173,6 +175,7 @@ def test_killed_pipeline_resumes_inside_stage_2(pipeline_run):
     assert json.loads((runs / "pipeline.json").read_text())["runs"]["generalist"]["attempts"] == 1
 
 
+@pytest.mark.slow
 def test_generalist_experts_stay_frozen(pipeline_run):
     runs = pipeline_run["runs"]
     ckpt = find_latest(runs / "generalist" / "checkpoints")
@@ -197,6 +200,7 @@ def test_generalist_experts_stay_frozen(pipeline_run):
     assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(trainable)
 
 
+@pytest.mark.slow
 def test_distilled_student_is_a_plain_timm_model(pipeline_run, digits_shards, tmp_path):
     teacher = pipeline_run["runs"] / "generalist"
     raw = tiny_recipe(digits_shards, tmp_path, "distill", model=TINY_VIT,
@@ -232,6 +236,7 @@ def test_distilled_student_is_a_plain_timm_model(pipeline_run, digits_shards, tm
     assert (tmp_path / "q" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_distill_needs_a_teacher_and_matching_classes(pipeline_run, digits_shards, tmp_path):
     raw = tiny_recipe(digits_shards, tmp_path, "d", model={**TINY_VIT, "num_classes": 3},
                       task={"name": "distill", "distill": {"teacher": str(pipeline_run["runs"] / "generalist"),
@@ -281,6 +286,7 @@ def test_print_commands(tmp_path, digits_shards):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_one_error_line(tmp_path, digits_shards, capsys):
     raw = yaml.safe_load(_pipeline_files(digits_shards, tmp_path).read_text())
     recipe = yaml.safe_load((tmp_path / "amateur.yaml").read_text())

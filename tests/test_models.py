@@ -132,6 +132,7 @@ def test_ceit_no_weight_decay_names_exist() -> None:
     assert {"cls_token", "pos_embed", "lca.pos_layer_embed"} == model.no_weight_decay()
 
 
+@pytest.mark.slow
 def test_ceit_timm_checkpoint_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model = _tiny_ceit()

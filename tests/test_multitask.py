@@ -137,6 +137,7 @@ def test_sample_draws_one_task_per_step_from_seed_and_step(digits_shards, parity
         assert metrics[step]["train/loss"] == metrics[step][f"train/{drawn}/loss"]  # sample: unscaled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["mix", "sample"])
 def test_two_task_resume_after_sigkill_is_bitwise(digits_shards, parity_shards, tmp_path, schedule):
     sections = dict(steps=16, save_every=8, log_every=1)
@@ -332,6 +333,7 @@ def test_layer_decay_gives_each_layer_its_lr_and_optimizers_come_by_name(digits_
         build_optimizer(build_task(bad), bad.optim)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_two_task_recipe(fmnist_shards, tmp_path):
     """The shipped two-task recipe (classification + CLIP on captions, one ViT) trains and evaluates both."""
     data = str(fmnist_shards / "manifest.json")

@@ -357,6 +357,7 @@ def rtn_w3a3(digits) -> float:  # noqa: F811
     return w3a3_top1(digits, "rtn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
 def test_reconstruction_beats_rtn_at_w3a3(digits, rtn_w3a3, method):  # noqa: F811
     """W3A3 (first/last layer at 8 bits) on the tiny resnet10t trained on digits (FP ~96% top-1, 397

@@ -105,6 +105,7 @@ def test_vit_w8a8_onnx_matches_simulation(tmp_path):
     assert np.abs(deployed - sim).max() <= 0.05 * np.abs(sim).max()
 
 
+@pytest.mark.slow
 def test_quantize_cli_end_to_end(digits_shards, tmp_path, monkeypatch):
     from foundation.cli import main
     from foundation.config import validate

@@ -65,6 +65,7 @@ def test_lr_scale():
     assert lr_scale(ReconstructionConfig(iters=400, lr_reference_iters=None)) == 1.0
 
 
+@pytest.mark.slow
 def test_brecq_at_least_adaround_at_w2a4(digits):
     model, calib, x, y = digits
     fp = top1(model, x, y)

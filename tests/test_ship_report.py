@@ -13,6 +13,7 @@ from foundation.config import validate
 from foundation.train import train
 
 
+@pytest.mark.slow
 def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys):
     recipe = validate(tiny_recipe(digits_shards, tmp_path / "runs", "ship", train={"steps": 30}))
     train(recipe)

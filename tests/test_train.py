@@ -60,6 +60,7 @@ def test_no_weight_decay_on_norms_biases_and_tokens(digits_shards, tmp_path):
     assert "model.head.weight" not in no_decay and "model.blocks.0.attn.qkv.weight" not in no_decay
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(digits_shards, tmp_path):
     """20 steps straight == 10 steps, SIGKILL, resume for 10 more: same loss at every step, same weights."""
     base = dict(train={"steps": 20, "save_every": 10}, data={"workers": 2},
@@ -83,6 +84,7 @@ def test_resume_after_sigkill_is_exact(digits_shards, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_keeps_previous_checkpoint(digits_shards, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "r", train={"steps": 30, "save_every": 10}))
     b1 = run_driver(recipe, "--die-during-save", "20")
@@ -157,6 +159,7 @@ def test_grad_accumulation_matches_big_batch(digits_shards, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_train_writes_run_directory(digits_shards, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "cli"))
     out = subprocess.run([PYTHON, "-m", "foundation.cli", "train", str(recipe), "train.steps=3", "optim.lr=1e-3"],

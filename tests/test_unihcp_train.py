@@ -18,6 +18,8 @@ from foundation.data.synthetic_humans import generate
 from foundation.tasks import build_task
 from foundation.train import seed_everything, train
 
+pytestmark = pytest.mark.slow  # training quality and end-to-end: the full tier (make test-all)
+
 TASK_NAMES = ("pose", "parsing", "attributes", "reid", "detection")
 
 
