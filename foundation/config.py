@@ -192,7 +192,14 @@ class UniHCPConfig(Section):
     heads: int = Field(8, gt=0)
     ffn: int = Field(2048, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    deep_supervision: bool = True  # a loss on the prediction after every decoder layer
+    # a loss on the prediction after every decoder layer (and on the initial prediction from the queries alone);
+    # None: the released choice per task: pose, parsing, detection yes; attributes and ReID the last layer only
+    deep_supervision: bool | None = None
+    initial_prediction: bool = True  # with deep supervision: also supervise the queries before the first layer
+    # neck: ConvT D->D, LayerNorm-2d, GELU, ConvT D->width (released SimpleNeck); neck_mid sets the middle width (None: D)
+    neck_mid: int | None = Field(None, gt=0)
+    neck_norm: Literal["layernorm", "groupnorm"] = "layernorm"  # the neck's norm: released LayerNorm-2d, or GroupNorm(32)
+    reid_feature_norm: bool = False  # ReID feature through the decoder LayerNorm (released: the raw layer output)
     grad_checkpointing: bool = False  # the encoder's blocks (timm set_grad_checkpointing)
     reid_queries: int = Field(6, gt=0)  # ReID feature = the concatenated outputs of these queries
     det_anchors: int = Field(300, gt=0)  # detection: anchor points ...
@@ -203,7 +210,14 @@ class UniHCPConfig(Section):
     dice_points: int = Field(12544, gt=0)  # parsing: points sampled for the mask losses (Mask2Former: 112*112)
     mask_weight: float = Field(5.0, ge=0)  # parsing: sigmoid cross-entropy on the sampled points
     dice_weight: float = Field(5.0, ge=0)
-    presence_weight: float = Field(2.0, ge=0)  # parsing: BCE on whether each class occurs
+    presence_weight: float = Field(0.25, ge=0)  # parsing: BCE on whether each class occurs (released class_weight)
+    # parsing: positive ratio of each class; presence BCE weighted exp(1 - r) / exp(r) (released sample_weight); None: 1
+    parse_class_ratios: list[float] | None = None
+    # parsing: where the mask losses look: Mask2Former importance sampling (oversample x points drawn, the
+    # importance share most uncertain kept, the rest uniform; drawn per layer and mask) or uniform points
+    point_sampling: Literal["importance", "uniform"] = "importance"
+    oversample_ratio: float = Field(3.0, ge=1)
+    importance_sample_ratio: float = Field(0.75, ge=0, le=1)
     # the task's vocabulary (joints, classes, attributes, ids: the shards' manifest human_task entry); written
     # into the run's recipe when training starts, so a checkpoint rebuilds without its shards. None: the manifest
     vocabulary: dict[str, Any] | None = None
@@ -220,6 +234,7 @@ class DistillConfig(Section):
     """Task ``distill``: a plain timm student (``model.backbone``) learns a finished teacher run's features and one
     classification head's logits (INTERN's generalist compressed into one deployable backbone)."""
 
+    det_ignore_ioa: float = Field(0.7, gt=0, le=1)  # detection: unmatched queries inside an ignore region above this IoA
     teacher: str | None = None  # a finished run directory or checkpoint (loaded safely, frozen)
     head: str | None = None  # the teacher's classification task whose logits are distilled (None: its only one)
     feature_weight: float = Field(1.0, ge=0)  # MSE(linear projection of the student's pooled feature, teacher's)
@@ -254,6 +269,10 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # layer decay's exponent lowered by this for backbone parameters (timm's groups: stem 0, block i -> i + 1, the
+    # final norm with the last block; UniHCP's release: 1, so block i of 12 gets d^(10-i)); others keep lr x 1
+    layer_decay_offset: int = 0
+    layer_decay_exempt: list[str] = []  # glob patterns on parameter names kept at lr x 1 by layer decay (lpe_lr)
     warmup_steps: int = Field(0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -325,6 +344,9 @@ class TaskEntry(Section):
     @model_validator(mode="after")
     def _has_data(self) -> TaskEntry:
         if not self.data.train:
+    # a weight per sample (UniHCP's release): loss_weight becomes sample_weight x the task's images per step
+    # (batch_size x data.id_instances, x share under schedule groups), normalised over the tasks as loss_weight is
+    sample_weight: float | None = Field(None, ge=0)
             raise ValueError("data.train is not set: every task reads its own shards")
         return self
 
@@ -366,6 +388,13 @@ class Recipe(Section):
             missing = [n for n, e in self.tasks.items() if e.share is None]
             if missing:
                 raise ValueError(f"tasks.{missing[0]}.share: schedule groups needs a share of the ranks for every task")
+        for name, e in self.tasks.items():
+            if e.sample_weight is not None:  # UniHCP's release: a weight per sample x the task's images per step
+                share = e.share if self.train.schedule == "groups" and e.share is not None else 1.0
+                weight = e.sample_weight * (e.batch_size or self.train.batch_size) * e.data.id_instances * share
+                if "loss_weight" in e.model_fields_set and abs(e.loss_weight - weight) > 1e-6 * max(weight, 1.0):
+                    raise ValueError(f"tasks.{name}.loss_weight: set it or sample_weight, not both")
+                e.loss_weight = weight
             total = sum(e.share for e in self.tasks.values())
             if abs(total - 1) > 1e-6:
                 raise ValueError(f"tasks.*.share: the shares add up to {total:g}; they must add up to 1")

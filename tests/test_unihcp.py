@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from foundation.losses.unihcp import (
     attribute_loss, batch_hard_triplet, detection_loss, dice_loss, focal_cost, heatmap_peaks, heatmap_targets,
-    hungarian_match, match_cost, parsing_loss, parsing_prediction, pose_loss,
+    hungarian_match, importance_points, match_cost, parsing_loss, parsing_prediction, point_sample, pose_loss,
 )
 from foundation.models.unihcp import UniHCPNet, UniHCPShared, sine_embedding
 
@@ -118,6 +118,44 @@ def test_hungarian_matcher_against_brute_force():
     assert cost[0, 0].item() == pytest.approx(hand.item(), rel=1e-4)
 
 
+def test_parsing_loss_counts_present_classes_and_weights_presence():
+    # 3 classes, class 2 absent: its mask (however wrong) adds nothing to mask / dice; presence BCE weighted by
+    # the class ratios: present exp(1 - r), absent exp(r) (the release's ratio2weight)
+    label = torch.tensor([[[0, 1], [1, 255]]])
+    masks = torch.tensor([[[[2.0, -1.0], [0.5, 3.0]], [[-2.0, 1.5], [0.0, 1.0]], [[9.0, 9.0], [9.0, 9.0]]]])
+    cls = torch.tensor([[0.3, -0.2, 0.7]])
+    points = torch.tensor([[[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]])
+    two = parsing_loss(cls[:, :2], masks[:, :2], label, 4, mask_weight=1.0, dice_weight=1.0, presence_weight=1.0,
+                       points=points)
+    ratios = torch.tensor([0.5, 0.2, 0.1])
+    three = parsing_loss(cls, masks, label, 4, mask_weight=1.0, dice_weight=1.0, presence_weight=0.25, points=points,
+                         class_ratios=ratios)
+    assert three["mask"].item() == pytest.approx(two["mask"].item(), rel=1e-6)
+    assert three["dice"].item() == pytest.approx(two["dice"].item(), rel=1e-6)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    w = [math.exp(0.5), math.exp(0.8), math.exp(0.1)]
+    bce = [-math.log(sig(0.3)), -math.log(sig(-0.2)), -math.log(1 - sig(0.7))]
+    assert three["presence"].item() == pytest.approx(0.25 * sum(a * b for a, b in zip(w, bce)) / 3, rel=1e-5)
+    # no class present (all ignore): mask terms are zero, still differentiable
+    empty = parsing_loss(cls, masks.requires_grad_(), torch.full((1, 2, 2), 255), 4)
+    assert empty["mask"].item() == 0.0 and empty["mask"].requires_grad
+
+
+def test_importance_points_keep_the_uncertain_share():
+    # a mask whose logits are 0 (uncertain) on the left 6 of 16 columns: 3 x 400 candidates put ~490 there, so
+    # the 300 kept by uncertainty all lie on the strip; the 100 uniform ones land there ~40% of the time
+    torch.manual_seed(0)
+    logits = torch.full((1, 16, 16), 10.0)
+    logits[:, :, :6] = 0.0
+    pts = importance_points(logits, 400, oversample=3.0, importance=0.75)
+    assert pts.shape == (1, 400, 2) and (pts >= 0).all() and (pts <= 1).all()
+    uncertain = point_sample(logits, pts).abs() < 5
+    assert uncertain[0, :300].all()
+    assert uncertain[0, 300:].float().mean() < 0.6
+    # uniform candidates: with importance 0 nothing is chosen by uncertainty
+    assert (point_sample(logits, importance_points(logits, 400, importance=0.0)).abs() < 5).float().mean() < 0.6
+
+
 def test_detection_loss_matched_and_ignored():
     # query 0 sits exactly on the person, query 1 inside an ignore region, query 2 elsewhere
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.4], [0.8, 0.8, 0.1, 0.1], [0.1, 0.8, 0.1, 0.1]]])
@@ -133,6 +171,11 @@ def test_detection_loss_matched_and_ignored():
     assert terms["focal"].item() == pytest.approx(2.0 * (per[0, 0] + per[0, 2]).item(), rel=1e-5)
     no_ignore = detection_loss(logits, boxes, gt, [torch.zeros(0, 4)])
     assert no_ignore["focal"].item() == pytest.approx(2.0 * per.sum().item(), rel=1e-5)
+    # the IoA threshold (release 0.7): a region covering 60% of query 1's box (0.75..0.85)^2 ignores it at 0.5,
+    # not at 0.7
+    part = [torch.tensor([[0.75, 0.75, 0.81, 0.85]])]
+    assert detection_loss(logits, boxes, gt, part, ioa_threshold=0.5)["focal"].item() == pytest.approx(terms["focal"].item())
+    assert detection_loss(logits, boxes, gt, part, ioa_threshold=0.7)["focal"].item() == pytest.approx(no_ignore["focal"].item())
 
 
 def test_sine_embedding_distinguishes_points():
@@ -158,6 +201,10 @@ def test_interpreter_shapes(kind, queries, extra):
     net.train()
     outs = net(torch.randn(2, 3, 64, 48))  # another input size than the encoder's: positions interpolate
     assert len(outs) == 3  # deep supervision: one prediction per decoder layer
+    first = UniHCPNet(kind, _encoder(), shared, queries, initial_prediction=True, **extra).train()
+    assert len(first(torch.randn(2, 3, 64, 48))) == 4  # + the prediction from the queries alone (the release)
+    assert len(UniHCPNet(kind, _encoder(), shared, queries, deep_supervision=False, **extra).train()(
+        torch.randn(2, 3, 64, 48))) == 1
     out = outs[-1]
     if kind in ("pose", "parsing"):
         assert out["maps"].shape == (2, queries, 16, 12)  # stride 4
@@ -166,9 +213,22 @@ def test_interpreter_shapes(kind, queries, extra):
         assert out["logits"].shape == (2, queries)
     elif kind == "reid":
         assert out["feature"].shape == (2, 6 * 32) and out["logits"].shape == (2, 9)
+        # the feature is the raw layer output (the release), not passed through the decoder LayerNorm: scaling
+        # that norm's weight leaves it alone, and scales the feature of a net with reid_feature_norm
+        normed = UniHCPNet(kind, _encoder(), shared, queries, reid_feature_norm=True, **extra)
+        x = torch.randn(2, 3, 64, 48)
+        with torch.no_grad():
+            raw0, normed0 = net.eval()(x)[-1]["feature"], normed.eval()(x)[-1]["feature"]
+            shared.norm.weight.mul_(3.0)
+            torch.testing.assert_close(net(x)[-1]["feature"], raw0)
+            torch.testing.assert_close(normed(x)[-1]["feature"], 3 * normed0)
     else:
         assert out["logits"].shape == (2, 30) and out["boxes"].shape == (2, 30, 4)
-        assert ((out["boxes"] > 0) & (out["boxes"] < 1)).all()
+        # the box MLP's last layer starts at zero: query p * anchors + j sits on anchor j (each content pattern
+        # repeats the anchors), sized sigmoid(-2) of the image in both directions
+        anchors = net.anchors.detach().clamp(0, 1).repeat(3, 1).expand(2, -1, -1)
+        torch.testing.assert_close(out["boxes"][..., :2], anchors, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["boxes"][..., 2:], torch.full((2, 30, 2), float(torch.sigmoid(torch.tensor(-2.0)))))
     net.eval()
     assert len(net(torch.randn(1, 3, 64, 64))) == 1
 

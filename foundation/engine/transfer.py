@@ -150,7 +150,10 @@ def param_groups(task: nn.Module, cfg: OptimConfig) -> list[dict]:
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim <= 1 or name in skip else cfg.weight_decay
-        scale = cfg.layer_decay ** (top - layer_ids.get(name, top)) if cfg.layer_decay is not None else 1.0
+        scale = 1.0
+        if cfg.layer_decay is not None:
+            exempt = name not in layer_ids or any(fnmatch.fnmatchcase(name, p) for p in cfg.layer_decay_exempt)
+            scale = 1.0 if exempt else cfg.layer_decay ** (top - layer_ids[name] - cfg.layer_decay_offset)
         mult = 1.0
         for pattern, factor in cfg.lr_mult.items():
             if fnmatch.fnmatchcase(name, pattern):
@@ -179,8 +182,11 @@ def build_optimizer(task: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
                           f"choose from timm's list_optimizers()")
     extra = {"momentum": cfg.momentum} if cfg.name in ("sgd", "nesterov", "momentum", "lars", "larc", "nlars",
                                                        "nlarc", "sgdp", "rmsprop", "rmsproptf") else {}
-    if cfg.name in ("adamw", "adam", "nadamw", "lamb", "lambc", "adan", "lion", "radam", "nadam", "adamp"):
-        extra["betas"] = cfg.betas
+    if cfg.name in ("adamw", "adam", "nadamw", "lamb", "lambc", "adan", "lion", "radam", "nadam", "adamp", "adafactor"):
+        extra["betas"] = cfg.betas  # adafactor: betas[0] is its first-moment coefficient
+    if cfg.name == "adafactorbv":  # UniHCP's Adafactor: momentum betas[0], second moment capped at betas[1], RMS clip 1
+        extra.update(momentum=cfg.betas[0], beta2_cap=cfg.betas[1], clipping_threshold=1.0,
+                     momentum_dtype=torch.float32)
     return create_optimizer_v2(param_groups(task, cfg), opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                **extra)
 

@@ -3,8 +3,8 @@ building and the Hungarian matcher of pedestrian detection.
 
 - pose: MSE between predicted and Gaussian target heatmaps × the joints' target weights (SimpleBaseline's
   ``JointsMSELoss``), plus BCE on each joint's visibility logit;
-- parsing: per-class sigmoid cross-entropy and dice on sampled points (Mask2Former's point losses) plus a
-  BCE on whether each class occurs in the image;
+- parsing: per present class, sigmoid cross-entropy and dice on importance-sampled points (Mask2Former's
+  point losses, drawn per layer and mask) plus a class-frequency-weighted BCE on whether each class occurs;
 - attributes: BCE weighted by the positive ratios (``exp(1 - r)`` for positives, ``exp(r)`` for
   negatives: "Rethinking of PAR"'s weighted sigmoid CE), unknown (-1) entries masked; summed over
   attributes, averaged over images;
@@ -86,29 +86,67 @@ def sample_labels(label_map: Tensor, points: Tensor) -> Tensor:
     return F.grid_sample(label_map[:, None].float(), grid, mode="nearest", align_corners=False).view(len(points), -1).long()
 
 
+def point_sample(maps: Tensor, points: Tensor) -> Tensor:
+    """Bilinear values of maps (N, h, w) at points (N, P, 2) [x, y] in [0, 1] (align_corners=False) → (N, P)."""
+    grid = (points * 2 - 1)[:, :, None].to(maps)  # (N, P, 1, 2)
+    return F.grid_sample(maps[:, None], grid, align_corners=False)[:, 0, :, 0]
+
+
+@torch.no_grad()
+def importance_points(mask_logits: Tensor, num_points: int, oversample: float = 3.0,
+                      importance: float = 0.75) -> Tensor:
+    """Mask2Former's point sampling (PointRend's ``get_uncertain_point_coords_with_randomness``) for masks
+    (N, h, w): draw ``oversample`` x ``num_points`` uniform points, keep the ``importance`` share whose logit
+    is closest to 0 (most uncertain), fill the rest uniformly → (N, num_points, 2) [x, y] in [0, 1]."""
+    n = mask_logits.shape[0]
+    candidates = torch.rand(n, int(num_points * oversample), 2, device=mask_logits.device)
+    uncertainty = -point_sample(mask_logits.float(), candidates).abs()  # (N, kP)
+    keep = int(importance * num_points)
+    idx = uncertainty.topk(keep, dim=1).indices
+    chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
+    rest = torch.rand(n, num_points - keep, 2, device=mask_logits.device)
+    return torch.cat([chosen, rest], 1)
+
+
+def ratio_weights(targets: Tensor, ratios: Tensor) -> Tensor:
+    """"Rethinking of PAR"'s weights (the release's ``ratio2weight``): positives exp(1 - r), negatives exp(r)."""
+    r = ratios.to(targets)
+    return torch.exp(targets * (1 - r) + (1 - targets) * r)
+
+
 def parsing_loss(class_logits: Tensor, mask_logits: Tensor, label_map: Tensor, num_points: int,
                  ignore_index: int = 255, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 presence_weight: float = 2.0, points: Tensor | None = None,
-                 point_labels: Tensor | None = None) -> dict[str, Tensor]:
-    """Class queries' masks (B, C, h, w) against a label map (B, H, W) on ``num_points`` points per image
-    (uniform in [0, 1]², or ``points`` (B, P, 2) [x, y]): sigmoid CE over every class and valid point, dice
-    over the classes present, BCE of the class logits (B, C) on presence."""
+                 presence_weight: float = 0.25, points: Tensor | None = None, class_ratios: Tensor | None = None,
+                 sampling: str = "importance", oversample: float = 3.0, importance: float = 0.75) -> dict[str, Tensor]:
+    """The released parsing loss (``FocalDiceLoss_bce_cls_emb_sample_weight``). Class queries' masks
+    (B, C, h, w) against a label map (B, H, W): for every class present in an image, sigmoid CE (mean over
+    its points) and dice on ``num_points`` points drawn per mask (``sampling``: importance or uniform; or
+    ``points`` (B, P, 2) [x, y] shared by an image's masks), averaged over the present masks; points on
+    ``ignore_index`` pixels are left out. Presence: BCE of the class logits (B, C) on whether each class
+    occurs, weighted by ``class_ratios`` (``ratio_weights``) when given."""
     b, c = class_logits.shape
-    if points is None:
-        points = torch.rand(b, num_points, 2, device=mask_logits.device)
-    grid = points[:, None] * 2 - 1  # (B, 1, P, 2) in [-1, 1], align_corners=False
-    logits = F.grid_sample(mask_logits.float(), grid.to(mask_logits.device), align_corners=False).squeeze(2)  # (B, C, P)
-    labels = point_labels if point_labels is not None else sample_labels(label_map, points)  # (B, P)
-    valid = labels != ignore_index
-    onehot = (labels[:, None] == torch.arange(c, device=labels.device)[None, :, None]).float()  # (B, C, P)
-    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * valid[:, None]
-    ce = ce.sum() / (valid.sum() * c).clamp(min=1)
     classes = torch.where(label_map == ignore_index, c, label_map.long()).clamp(max=c).flatten(1)  # ignore -> bin c
     present = torch.zeros(b, c + 1, device=label_map.device).scatter_(1, classes, 1.0)[:, :c]  # (B, C) occurs
-    probs = logits.sigmoid() * valid[:, None]
-    dice = dice_loss(probs.flatten(0, 1), (onehot * valid[:, None]).flatten(0, 1)).view(b, c)
-    dice = (dice * present).sum() / present.sum().clamp(min=1)
-    presence = F.binary_cross_entropy_with_logits(class_logits.float(), present)
+    img, cls = present.nonzero(as_tuple=True)  # one mask per (image, present class)
+    if len(img):
+        masks = mask_logits[img.to(mask_logits.device), cls.to(mask_logits.device)].float()  # (N, h, w)
+        if points is not None:
+            pts = points.to(masks.device)[img.to(masks.device)]
+        elif sampling == "importance":
+            pts = importance_points(masks.detach(), num_points, oversample, importance)
+        else:
+            pts = torch.rand(len(img), num_points, 2, device=masks.device)
+        logits = point_sample(masks, pts)  # (N, P)
+        labels = sample_labels(label_map[img], pts.to(label_map.device)).to(logits.device)  # (N, P)
+        valid = (labels != ignore_index).float()
+        target = (labels == cls.to(labels.device)[:, None]).float()
+        ce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum(1)
+        ce = (ce / valid.sum(1).clamp(min=1)).mean()
+        dice = dice_loss(logits.sigmoid() * valid, target * valid).mean()
+    else:
+        ce = dice = mask_logits.sum() * 0.0
+    weight = ratio_weights(present, class_ratios) if class_ratios is not None else None
+    presence = F.binary_cross_entropy_with_logits(class_logits.float(), present, weight=weight)
     return {"mask": mask_weight * ce, "dice": dice_weight * dice, "presence": presence_weight * presence}
 
 
@@ -194,7 +232,7 @@ def _ioa(boxes: Tensor, regions: Tensor) -> Tensor:
 
 def detection_loss(logits: Tensor, boxes: Tensor, gt_boxes: list[Tensor], ignore: list[Tensor], *,
                    cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25,
-                   gamma: float = 2.0, ioa_threshold: float = 0.5) -> dict[str, Tensor]:
+                   gamma: float = 2.0, ioa_threshold: float = 0.7) -> dict[str, Tensor]:
     """``logits`` (B, Q), ``boxes`` (B, Q, 4) normalised cxcywh; per image ``gt_boxes`` (G, 4) and ``ignore``
     (M, 4) normalised xyxy. Returns ``focal`` / ``l1`` / ``giou`` already weighted (2 / 5 / 2), each
     normalised by the number of ground-truth boxes."""
@@ -234,5 +272,6 @@ def detection_loss(logits: Tensor, boxes: Tensor, gt_boxes: list[Tensor], ignore
 
 
 __all__ = ["attribute_loss", "batch_hard_triplet", "detection_loss", "dice_loss", "focal_cost", "heatmap_peaks",
-           "heatmap_targets", "hungarian_match", "match_cost", "parsing_loss", "parsing_prediction", "pose_loss",
+           "heatmap_targets", "hungarian_match", "importance_points", "match_cost", "parsing_loss", "point_sample",
+           "ratio_weights", "parsing_prediction", "pose_loss",
            "reid_loss", "sample_labels"]

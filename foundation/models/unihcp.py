@@ -57,15 +57,23 @@ class MLP(nn.Module):
         return x
 
 
-class Neck(nn.Module):
-    """Stride-16 tokens → a ``width``-channel stride-4 map: two stride-2 transposed convs (ViTDet's simple
-    feature pyramid, the 1/4 level)."""
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (ConvNeXt's / the released SimpleNeck's Norm2d)."""
 
-    def __init__(self, embed_dim: int, width: int):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Neck(nn.Module):
+    """Stride-16 tokens → a ``width``-channel stride-4 map, as the released ``SimpleNeck``: ConvT D→mid,
+    LayerNorm-2d, GELU, ConvT mid→width (ViTDet's simple feature pyramid, the 1/4 level; mid = D)."""
+
+    def __init__(self, embed_dim: int, width: int, mid: int | None = None, norm: str = "layernorm"):
         super().__init__()
-        self.up1 = nn.ConvTranspose2d(embed_dim, width, 2, stride=2)
-        self.norm = nn.GroupNorm(32 if width % 32 == 0 else 1, width)
-        self.up2 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        mid = mid or embed_dim
+        self.up1 = nn.ConvTranspose2d(embed_dim, mid, 2, stride=2)
+        self.norm = LayerNorm2d(mid, eps=1e-6) if norm == "layernorm" else nn.GroupNorm(32 if mid % 32 == 0 else 1, mid)
+        self.up2 = nn.ConvTranspose2d(mid, width, 2, stride=2)
 
     def forward(self, grid: Tensor) -> Tensor:  # (B, D, h, w) -> (B, C, 4h, 4w)
         return self.up2(F.gelu(self.norm(self.up1(grid))))
@@ -95,10 +103,10 @@ class UniHCPShared(nn.Module):
     and the interpreter's class unit and feature unit."""
 
     def __init__(self, embed_dim: int, width: int = 256, layers: int = 9, heads: int = 8, ffn: int = 2048,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, neck_mid: int | None = None, neck_norm: str = "layernorm"):
         super().__init__()
         self.width = width
-        self.neck = Neck(embed_dim, width)
+        self.neck = Neck(embed_dim, width, neck_mid, neck_norm)
         self.proj = nn.Linear(embed_dim, width)
         self.pos_mlp = MLP(width, width, width, 2)  # 2-D sine embedding -> position (memory and anchors)
         self.layers = nn.ModuleList(DecoderLayer(width, heads, ffn, dropout) for _ in range(layers))
@@ -131,11 +139,15 @@ class UniHCPNet(nn.Module):
     """
 
     def __init__(self, kind: str, encoder: nn.Module, shared: nn.Module, num_queries: int, *,
-                 num_ids: int = 0, det_patterns: int = 3, deep_supervision: bool = True):
+                 num_ids: int = 0, det_patterns: int = 3, deep_supervision: bool = True,
+                 initial_prediction: bool = False, reid_feature_norm: bool = False):
         super().__init__()
         if kind not in TASK_KINDS:
             raise ValueError(f"UniHCP task kind {kind!r}: choose from {TASK_KINDS}")
         self.kind, self.deep_supervision = kind, deep_supervision
+        # Mask2Former / the release: a prediction from the queries alone, before the first layer, is supervised too
+        self.initial_prediction = initial_prediction
+        self.reid_feature_norm = reid_feature_norm
         self.encoder = encoder
         self.shared = shared
         width = shared.width
@@ -180,18 +192,22 @@ class UniHCPNet(nn.Module):
         q, q_pos, anchors = self.queries(b)
         outputs = []
         layers = shared.layers
+        if self.deep_supervision and self.initial_prediction and self.training:
+            outputs.append(self.interpret(q, fmap, anchors))
         for i, layer in enumerate(layers):
             q = layer(q, q_pos, memory, m_pos)
             if self.deep_supervision and self.training or i == len(layers) - 1:
-                outputs.append(self.interpret(shared.norm(q), fmap, anchors))
+                outputs.append(self.interpret(q, fmap, anchors))
         return outputs
 
     def interpret(self, q: Tensor, fmap: Tensor | None, anchors: Tensor | None) -> dict[str, Tensor]:
-        """The task-guided interpreter on normalised query outputs q (B, Q, C)."""
+        """The task-guided interpreter on a layer's query outputs q (B, Q, C): the decoder LayerNorm, then
+        the units (ReID's feature: the raw outputs concatenated, as released, unless ``reid_feature_norm``)."""
         shared = self.shared
         if self.kind == "reid":
-            feature = q.flatten(1)  # (B, R*C)
+            feature = (shared.norm(q) if self.reid_feature_norm else q).flatten(1)  # (B, R*C)
             return {"feature": feature, "logits": self.classifier(self.bn(feature))}
+        q = shared.norm(q)
         out = {"logits": shared.class_unit(q).squeeze(-1)}  # (B, Q)
         if fmap is not None:
             out["maps"] = torch.einsum("bqc,bchw->bqhw", shared.feature_unit(q), fmap)
@@ -208,4 +224,4 @@ class UniHCPNet(nn.Module):
         return names | {f"encoder.{n}" for n in inner}
 
 
-__all__ = ["MLP", "Neck", "DecoderLayer", "TASK_KINDS", "UniHCPNet", "UniHCPShared", "grid_points", "sine_embedding"]
+__all__ = ["MLP", "LayerNorm2d", "Neck", "DecoderLayer", "TASK_KINDS", "UniHCPNet", "UniHCPShared", "grid_points", "sine_embedding"]

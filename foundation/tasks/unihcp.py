@@ -8,8 +8,9 @@ references, so the only parameters a task owns are its queries (and detection's 
 BN + classifier). A single-task recipe builds its own encoder and decoder (fine-tuning one task).
 
 Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, S, S) and
-``targets`` (foundation/data/human_transforms.py). The loss sums every decoder layer's loss (deep
-supervision); the logged terms are the last layer's.
+``targets`` (foundation/data/human_transforms.py). The loss sums every supervised decoder layer's loss
+(deep supervision: as released, every layer and the initial prediction for pose, parsing and detection,
+the last layer for attributes and ReID); the logged terms are the last layer's.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from torch import Tensor, nn
 
 from foundation.config import DataConfig, ModelConfig, RecipeError, TaskConfig, UniHCPConfig
 from foundation.losses.unihcp import (
-    attribute_loss, detection_loss, heatmap_targets, parsing_loss, pose_loss, reid_loss, sample_labels,
+    attribute_loss, detection_loss, heatmap_targets, parsing_loss, pose_loss, reid_loss,
 )
 from foundation.models.heads import SharedBackbone
 from foundation.models.unihcp import UniHCPNet, UniHCPShared
 
 SHARED_KEY = "unihcp"
-DECODER_FIELDS = ("width", "layers", "heads", "ffn", "dropout")
+DECODER_FIELDS = ("width", "layers", "heads", "ffn", "dropout", "neck_mid", "neck_norm")
+# the released deep supervision: every layer (+ the initial prediction) for these; attributes and ReID the last only
+DEEP_SUPERVISED = ("pose", "parsing", "detection")
 
 
 def _human_task(data: DataConfig) -> dict:
@@ -101,8 +104,14 @@ class UniHCPTask(nn.Module):
             encoder = SharedBackbone(encoder)
         num_ids = int((meta.get("num_ids") or {}).get("train", 0)) if cls.kind == "reid" else 0
         net = UniHCPNet(cls.kind, encoder, decoder, cls.num_queries(cfg, meta), num_ids=num_ids,
-                        det_patterns=cfg.det_patterns, deep_supervision=cfg.deep_supervision)
+                        det_patterns=cfg.det_patterns, deep_supervision=cls.deep_supervised(cfg),
+                        initial_prediction=cfg.initial_prediction, reid_feature_norm=cfg.reid_feature_norm)
         return cls(net, cfg, meta)
+
+    @classmethod
+    def deep_supervised(cls, cfg: UniHCPConfig) -> bool:
+        """Whether every decoder layer is supervised: ``deep_supervision``, or unset, the release's choice."""
+        return cfg.deep_supervision if cfg.deep_supervision is not None else cls.kind in DEEP_SUPERVISED
 
     @staticmethod
     def unfold(batch: dict) -> dict:
@@ -167,17 +176,24 @@ class UniHCPParsing(UniHCPTask):
     def num_queries(cls, cfg, meta):
         return len(meta["class_names"])
 
+    def __init__(self, model, cfg, meta):
+        super().__init__(model, cfg, meta)
+        c = len(meta["class_names"])
+        if cfg.parse_class_ratios is not None and len(cfg.parse_class_ratios) != c:
+            raise RecipeError(f"task.unihcp.parse_class_ratios: {len(cfg.parse_class_ratios)} values for {c} classes")
+
     def prepare(self, batch, out):
-        label_map = batch["targets"]["label_map"]
-        # the same points for every layer (Mask2Former samples per layer; one draw keeps the step cheaper)
-        points = torch.rand(label_map.shape[0], self.cfg.dice_points, 2, device=label_map.device)
-        return {"label_map": label_map, "points": points, "point_labels": sample_labels(label_map, points)}
+        ratios = self.cfg.parse_class_ratios
+        dev = batch["targets"]["label_map"].device
+        return {"label_map": batch["targets"]["label_map"],
+                "ratios": torch.tensor(ratios, device=dev) if ratios is not None else None}
 
     def layer_loss(self, out, targets):
-        c = self.cfg
+        c = self.cfg  # points drawn per layer and mask (Mask2Former, the release)
         return parsing_loss(out["logits"], out["maps"], targets["label_map"], c.dice_points,
                             int(self.meta.get("ignore_index", 255)), c.mask_weight, c.dice_weight, c.presence_weight,
-                            points=targets["points"], point_labels=targets["point_labels"])
+                            class_ratios=targets["ratios"], sampling=c.point_sampling, oversample=c.oversample_ratio,
+                            importance=c.importance_sample_ratio)
 
 
 class UniHCPAttributes(UniHCPTask):
@@ -246,7 +262,8 @@ class UniHCPDetection(UniHCPTask):
     def layer_loss(self, out, targets):
         c = self.cfg
         return detection_loss(out["logits"], out["boxes"], targets["boxes"], targets["ignore"], cost_class=c.cost_class,
-                              cost_bbox=c.cost_bbox, cost_giou=c.cost_giou, alpha=c.focal_alpha, gamma=c.focal_gamma)
+                              cost_bbox=c.cost_bbox, cost_giou=c.cost_giou, alpha=c.focal_alpha, gamma=c.focal_gamma,
+                              ioa_threshold=c.det_ignore_ioa)
 
 
 UNIHCP_TASKS = {
