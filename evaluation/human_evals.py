@@ -153,9 +153,10 @@ def evaluate_reid_queries(model: nn.Module, loader: Iterable[dict], device="cpu"
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
                        all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None,
-                       max_dets: int = 100) -> dict:
-    """AP50, MR-2 and JI (CrowdHuman's rules, ignore regions) of the top ``max_dets`` boxes per image, in
-    source pixels."""
+                       score_threshold: float = 0.05) -> dict:
+    """CrowdHuman's AP, MR-2 and JI (and COCO's AP50) of every box scoring ≥ ``score_threshold`` (the
+    release's ``pos_thr``; no top-k: crowded images keep their recall), in source pixels, clipped to the
+    image as CrowdHuman's evaluator clips them."""
     from torchvision.ops import box_convert
 
     was = model.training
@@ -166,15 +167,17 @@ def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
         boxes = box_convert(out["boxes"].float().cpu() * size, "cxcywh", "xyxy")  # input pixels
         src = _to_source(boxes.view(len(boxes), -1, 2), t).view_as(boxes)
         for i in range(len(scores)):
-            top = scores[i].topk(min(max_dets, scores.shape[1])).indices
+            top = torch.nonzero(scores[i] >= score_threshold).flatten()
+            h, w = (float(v) for v in t["size"][i])
             b = src[i, top]
+            b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
             images.append({"dt_boxes": torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1).numpy(),
                            "dt_scores": scores[i, top].numpy(), "gt_boxes": np.asarray(t["src_boxes"][i]).reshape(-1, 4),
                            "ignore": np.asarray(t["src_ignore"][i]).reshape(-1, 4)})
     images = _gather(images)
     model.train(was)
     if not images:
-        return {"AP50": 0.0, "samples": 0}
+        return {"AP": 0.0, "samples": 0}
     res = detection_metrics(images)
     return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))} | {"samples": len(images)}
 

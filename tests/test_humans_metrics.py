@@ -9,11 +9,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation.human.attributes import attribute_metrics
-from evaluation.human.detection import detection_metrics, jaccard_index, log_average_miss_rate
+from evaluation.human.detection import (
+    JI_THRESHOLDS, crowdhuman_ap, detection_metrics, jaccard_index, log_average_miss_rate,
+)
 from evaluation.human.parsing import ParsingMeter, confusion_matrix, parsing_metrics
-from evaluation.human.pose import head_size_from_box, keypoint_ap, oks, pckh
+from evaluation.human.pose import MPII_EXCLUDED, head_size_from_box, keypoint_ap, oks, pckh
 from evaluation.human.reid import evaluate_reid, evaluate_reid_reference, pairwise_distance
 from foundation.data.humans import COCO_KEYPOINTS, COCO_SIGMAS
 
@@ -280,3 +283,103 @@ def test_miss_rate_and_ji_hand_computed():
     hidden = [{"gt_boxes": [[0, 0, 10, 10], [50, 50, 4, 4]], "ignore": [[48, 48, 10, 10]],
                "dt_boxes": [[0, 0, 10, 10]], "dt_scores": [0.9]}]
     assert jaccard_index(hidden, score_thresholds=(0.0,))["JI"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------- evaluation paths (oracles)
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in UniHCPNet: each call returns the next scripted output (the last layer only)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.i = outputs, 0
+
+    def forward(self, images):
+        self.i += 1
+        return [self.outputs[self.i - 1]]
+
+
+def test_detection_eval_path_crowdhuman_rules_by_hand():
+    """Known boxes through evaluate_detection: input pixels -> source pixels (scale 0.5, offset (0, 10)),
+    clipping to the image, the 0.05 score threshold, CrowdHuman's AP / MR-2 / JI computed by hand."""
+    from evaluation.human_evals import evaluate_detection
+
+    size, s, off = 100.0, 0.5, torch.tensor([0.0, 10.0])
+    gt = np.array([[0, 40, 40, 60], [100, 20, 40, 80], [150, 60, 30, 60]], np.float64)  # A, B, C (x, y, w, h)
+    # q0 runs off the left edge: unclipped IoU with A is exactly 0.5 (a miss under "> 0.5"), clipped it is A;
+    # q1 overlaps nothing; q2 is B; q3 is C but scores under 0.05
+    src = torch.tensor([[-20, 40, 40, 100], [60, 120, 90, 150], [100, 20, 140, 100], [150, 60, 180, 120]], dtype=torch.float32)
+    scores = torch.tensor([0.95, 0.65, 0.35, 0.04])
+    inp = src.view(-1, 2, 2) * s + off  # source -> input pixels
+    inp = inp.view(-1, 4)
+    cxcywh = torch.stack([(inp[:, 0] + inp[:, 2]) / 2, (inp[:, 1] + inp[:, 3]) / 2, inp[:, 2] - inp[:, 0],
+                          inp[:, 3] - inp[:, 1]], 1) / size
+    out = {"logits": torch.logit(scores)[None], "boxes": cxcywh[None]}
+    batch = {"image": torch.zeros(1, 3, 100, 100),
+             "targets": {"offset": off[None], "scale": torch.tensor([s]), "size": torch.tensor([[160, 200]]),
+                         "src_boxes": [gt], "src_ignore": [np.zeros((0, 4))]}}
+    res = evaluate_detection(_Scripted([out]), [batch])
+    # score order A (tp), q1 (fp), B (tp); recall 1/3, 1/3, 2/3; precision 1, 1/2, 2/3; trapezoid from the first
+    assert res["AP"] == pytest.approx((1 / 3) * (1 / 2 + 2 / 3) / 2)
+    # one image: fppi 0, 1, 1 -> every reference (<= 1) first reached at the fp, miss rate 2/3
+    assert res["MR-2"] == pytest.approx(2 / 3)
+    # JI: thresholds 0.1-0.3 keep 3 boxes, 2 matched: 2 / (3 + 3 - 2); 0.4-0.6: 1 / (3 + 2 - 1); 0.7-0.9: 1 / 3
+    assert res["JI"] == pytest.approx(0.5, abs=1e-5) and res["JI_score_threshold"] == pytest.approx(0.1)
+    # every box >= 0.0 kept: C found too -> the area gains (1/3)(2/3 + 3/4)/2
+    res0 = evaluate_detection(_Scripted([out]), [batch], score_threshold=0.0)
+    assert res0["AP"] == pytest.approx((1 / 3) * (1 / 2 + 2 / 3) / 2 + (1 / 3) * (2 / 3 + 3 / 4) / 2)
+
+
+def test_jaccard_index_divides_by_every_image():
+    # CrowdHuman divides the summed ratios by the number of images: an image with no boxes at all adds 0
+    one = [{"gt_boxes": [[0, 0, 10, 10]], "dt_boxes": [[0, 0, 10, 10]], "dt_scores": [0.9]}]
+    assert jaccard_index(one)["JI"] == pytest.approx(1.0, abs=1e-5)
+    assert jaccard_index(one + [{"gt_boxes": [], "dt_boxes": [], "dt_scores": []}])["JI"] == pytest.approx(0.5, abs=1e-5)
+    assert JI_THRESHOLDS == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def test_crowdhuman_ap_skips_images_without_annotations():
+    # an image with neither person nor ignore region: CrowdHuman's compare_caltech returns nothing for it,
+    # so its detections are not false positives there (COCO's AP50 counts them)
+    images = [{"gt_boxes": [[0, 0, 10, 10]], "dt_boxes": [[0, 0, 10, 10]], "dt_scores": [0.5]},
+              {"gt_boxes": [], "dt_boxes": [[0, 0, 10, 10]], "dt_scores": [0.9]}]
+    m = detection_metrics(images)
+    assert crowdhuman_ap(np.array([True, False]), np.array([False, True]), 1) == pytest.approx(0.0)
+    assert m["AP"] == pytest.approx(0.0)  # a single point: no area under CrowdHuman's trapezoid
+    assert m["AP50"] < 1.0 and m["MR-2"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_pckh_mpii_mean_leaves_out_pelvis_and_thorax():
+    gt = np.zeros((1, 16, 2))
+    pred = np.zeros((1, 16, 2))
+    pred[0, [6, 7, 0], 0] = 100.0  # pelvis, thorax and the right ankle wrong
+    out = pckh(pred, gt, np.ones((1, 16), bool), np.array([10.0]))
+    assert out["PCKh"] == pytest.approx(13 / 14) and out["PCKh_all"] == pytest.approx(13 / 16)
+    assert MPII_EXCLUDED == (6, 7)
+    assert pckh(pred, gt, np.ones((1, 16), bool), np.array([10.0]), excluded=())["PCKh"] == pytest.approx(13 / 16)
+
+
+def test_reid_eval_path_market_protocol_by_hand():
+    """Known features through evaluate_reid_queries: L2-normalised, query/gallery split by ``split``, the
+    same-identity same-camera gallery image left out (Market-1501)."""
+    from evaluation.human_evals import evaluate_reid_queries
+
+    def unit(deg):
+        r = math.radians(deg)
+        return [math.cos(r), math.sin(r)]
+
+    # rows: (angle, pid, camid, split 1 = query / 2 = gallery)
+    rows = [(0, 1, 0, 1), (90, 2, 0, 1),  # queries q1, q2
+            (10, 3, 1, 2), (20, 1, 1, 2), (0, 1, 0, 2), (90, 2, 1, 2), (180, 4, 1, 2)]  # g4 (wrong), g1,
+    # g3 (junk: q1's camera), g2, g5 (far)
+    feats = torch.tensor([unit(a) for a, *_ in rows]) * 7.0  # the scale must not matter
+    out = {"feature": feats}
+    batch = {"image": torch.zeros(len(rows), 3, 8, 8),
+             "targets": {"pid": torch.tensor([r[1] for r in rows]), "camid": torch.tensor([r[2] for r in rows]),
+                         "split": torch.tensor([r[3] for r in rows])}}
+    res = evaluate_reid_queries(_Scripted([out]), [batch])
+    # q1: g3 is junk, g4 (10 deg) ranks before g1 (20 deg): AP 1/2, rank-1 miss; q2: g2 first, AP 1
+    assert res["rank1"] == pytest.approx(0.5) and res["rank5"] == pytest.approx(1.0)
+    assert res["mAP"] == pytest.approx(0.75)
+    assert (res["queries"], res["gallery"]) == (2, 5)

@@ -1,22 +1,27 @@
-"""Pedestrian detection: AP@0.5 (COCO-style, 101 recall points), log-average miss rate MR^-2 over FPPI
-in [1e-2, 1e0], and CrowdHuman's Jaccard index (JI).
+"""Pedestrian detection as CrowdHuman's evaluator computes it (the tester UniHCP releases,
+``core/solvers/utils/peddet_tester_dev.py``, CrowdDet's ``APMRToolkits``): AP, log-average miss rate
+MR^-2 over FPPI in [1e-2, 1e0], and the Jaccard index (JI); plus COCO's 101-point AP@0.5 for reference.
 
 Boxes are [x, y, w, h]. Per image, detections are matched greedily in score order to the unmatched
 ground-truth box of highest IoU above the threshold (a true positive); a detection with no such box
 whose intersection-over-its-own-area (IoA) with an ignore region is above the threshold is ignored
 (neither true nor false positive); every other detection is a false positive.
 
+* ``AP`` is CrowdHuman's ``eval_AP``: Caltech matching (below), then the trapezoidal area under the
+  (recall, precision) points of the detections in score order, recall over the non-ignored ground truth.
+  As there, an image with neither ground truth nor ignore region contributes no detections.
 * ``AP50`` follows COCOeval (IoU ≥ 0.5, ignore regions as ``iscrowd`` boxes, 101-point interpolated
   precision), and is tested against it.
 * ``MR-2`` follows CrowdHuman's evaluation (CrowdDet ``APMRToolkits``, mmdet's ``CrowdHumanMetric``):
   Caltech matching with strict thresholds (IoU > 0.5, IoA > 0.5); at each of the 9 FPPI reference points
   10^-2 ... 10^0 the miss rate of the first operating point whose FPPI reaches it (the last point when
   none does); MR^-2 is their geometric mean.
-* ``JI`` follows CrowdHuman's ``compute_JI``: per image, detections scoring above a threshold are matched
-  one-to-one to ground truth by a maximum bipartite matching on IoU ≥ 0.5 (scipy's
-  ``maximum_bipartite_matching``); unmatched detections and unmatched ground truth inside an ignore
-  region (IoA > 0.5) are not counted; JI = mean over images (with anything in them) of
-  k / (n_gt + n_dt - k); the reported ``JI`` is the best over thresholds 0.0, 0.1, ..., 0.9.
+* ``JI`` follows CrowdHuman's ``computeJaccard``: per image, detections scoring above a threshold are
+  matched one-to-one to ground truth by a maximum-weight matching on IoU (edges IoU ≥ 0.5; scipy's
+  ``linear_sum_assignment`` on -IoU, as its ``compute_lap``); unmatched detections and unmatched ground
+  truth inside an ignore region (IoA > 0.5) are not counted; JI = the sum over images of
+  k / (n_gt + n_dt - k) divided by the number of images (an image without detections or ground truth
+  adds 0); the reported ``JI`` is the best over thresholds 0.1, ..., 0.9.
 
 CrowdHuman's tools also clip boxes to the image first; pass clipped boxes to get exactly their figures.
 """
@@ -26,12 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.optimize import linear_sum_assignment
 
 IOU_THRESHOLD = 0.5
 FPPI_REFS = np.power(10.0, np.linspace(-2.0, 0.0, 9))
-JI_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
+JI_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 JI_EPS = 1e-6
 
 
@@ -77,10 +81,14 @@ def match_image(dt_boxes, dt_scores, gt_boxes, ignore=None, iou_threshold: float
 
 
 def _accumulate(images: Sequence[dict], iou_threshold: float, strict: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(is_tp, is_fp) of every non-ignored detection of all images in descending score order, and n_gt."""
+    """(is_tp, is_fp) of every non-ignored detection of all images in descending score order, and n_gt.
+    ``strict`` (CrowdHuman's ``compare_caltech``) also leaves out the detections of an image with neither
+    ground truth nor ignore region, as that evaluator does."""
     scores, tps, ignored = [np.zeros(0)], [np.zeros(0, bool)], [np.zeros(0, bool)]
     n_gt = 0
     for im in images:
+        if strict and not len(_boxes(im.get("gt_boxes"))) and not len(_boxes(im.get("ignore"))):
+            continue
         s, t, g = match_image(im.get("dt_boxes"), im.get("dt_scores", []), im.get("gt_boxes"), im.get("ignore"),
                               iou_threshold, strict)
         scores.append(s)
@@ -108,6 +116,16 @@ def average_precision(tp: np.ndarray, fp: np.ndarray, n_gt: int) -> float:
     return float(np.mean(q))
 
 
+def crowdhuman_ap(tp: np.ndarray, fp: np.ndarray, n_gt: int) -> float:
+    """CrowdHuman's ``eval_AP``: the trapezoidal area under the (recall, precision) points of the
+    detections in score order (from the first detection; no (0, 1) point is added)."""
+    if n_gt == 0 or tp.size == 0:
+        return 0.0
+    tpc, fpc = np.cumsum(tp), np.cumsum(fp)
+    recall, precision = tpc / n_gt, tpc / (tpc + fpc)
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
 def log_average_miss_rate(tp: np.ndarray, fp: np.ndarray, n_gt: int, n_images: int) -> float:
     """MR^-2 as CrowdHuman computes it: geometric mean over the 9 FPPI references of the miss rate at
     the first operating point whose FPPI ≥ the reference (the last point when none reaches it)."""
@@ -126,11 +144,12 @@ def _ji_image(dt: np.ndarray, gt: np.ndarray, ig: np.ndarray, iou_threshold: flo
     dt_left, gt_left = np.ones(len(dt), bool), np.ones(len(gt), bool)
     if len(dt) and len(gt):
         iou = _overlaps(dt, gt)[0]
-        match = maximum_bipartite_matching(csr_matrix(np.where(iou >= iou_threshold, iou, 0.0)), perm_type="column")
-        paired = np.flatnonzero(match >= 0)
-        k = paired.size
-        dt_left[paired] = False
-        gt_left[match[paired]] = False
+        rows, cols = linear_sum_assignment(-np.where(iou >= iou_threshold, iou, 0.0))  # maximum total IoU
+        keep = iou[rows, cols] >= iou_threshold
+        rows, cols = rows[keep], cols[keep]
+        k = rows.size
+        dt_left[rows] = False
+        gt_left[cols] = False
     ignored_dt = ignored_gt = 0
     if len(ig):
         if dt_left.any():
@@ -150,21 +169,22 @@ def jaccard_index(images: Sequence[dict], iou_threshold: float = IOU_THRESHOLD,
             dt = _boxes(im.get("dt_boxes"))
             dt = dt[np.asarray(im.get("dt_scores", []), np.float64).ravel() > thr]
             k, m, n = _ji_image(dt, _boxes(im.get("gt_boxes")), _boxes(im.get("ignore")), iou_threshold)
-            if m or n:
-                ratios.append(k / (m + n - k + JI_EPS))
-        per[thr] = float(np.mean(ratios)) if ratios else 0.0
+            ratios.append(k / (m + n - k + JI_EPS) if m or n else 0.0)
+        per[thr] = float(np.sum(ratios) / max(len(images), 1))
     best = max(per, key=per.get)
     return {"JI": per[best], "JI_score_threshold": best, "per_threshold": per}
 
 
 def detection_metrics(images: Sequence[dict], iou_threshold: float = IOU_THRESHOLD) -> dict:
-    """AP50, MR-2 and JI over ``images``: dicts of ``gt_boxes``, ``ignore``, ``dt_boxes``, ``dt_scores``."""
+    """CrowdHuman's AP, MR-2 and JI (and COCO's AP50) over ``images``: dicts of ``gt_boxes``, ``ignore``,
+    ``dt_boxes``, ``dt_scores`` (every detection above the score threshold, not a top-k)."""
     if not images:
         raise ValueError("no images to evaluate")
     tp, fp, n_gt = _accumulate(images, iou_threshold, strict=False)
     tp_c, fp_c, _ = _accumulate(images, iou_threshold, strict=True)
-    return {"AP50": average_precision(tp, fp, n_gt), "MR-2": log_average_miss_rate(tp_c, fp_c, n_gt, len(images)),
+    return {"AP": crowdhuman_ap(tp_c, fp_c, n_gt), "AP50": average_precision(tp, fp, n_gt),
+            "MR-2": log_average_miss_rate(tp_c, fp_c, n_gt, len(images)),
             **jaccard_index(images, iou_threshold), "num_gt": n_gt, "num_images": len(images)}
 
 
-__all__ = ["average_precision", "detection_metrics", "jaccard_index", "log_average_miss_rate", "match_image"]
+__all__ = ["average_precision", "crowdhuman_ap", "detection_metrics", "jaccard_index", "log_average_miss_rate", "match_image"]

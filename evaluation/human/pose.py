@@ -77,12 +77,16 @@ def head_size_from_box(head_boxes: np.ndarray) -> np.ndarray:
     return 0.6 * np.hypot(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
 
 
+MPII_EXCLUDED = (6, 7)  # MPII's pelvis and thorax: left out of the reported mean (its evaluation script)
+
+
 def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.ndarray,
-         threshold: float = 0.5) -> dict:
+         threshold: float = 0.5, excluded: tuple[int, ...] | None = None) -> dict:
     """PCKh@threshold: a visible joint is correct when its error ≤ threshold × head size.
 
-    pred, gt (N, K, 2); visible (N, K) bool; head_size (N,). Returns ``PCKh`` over all visible joints and
-    ``per_joint`` (nan for a joint never visible).
+    pred, gt (N, K, 2); visible (N, K) bool; head_size (N,). Returns ``PCKh`` over the visible joints
+    outside ``excluded`` (None: MPII's pelvis and thorax when K = 16, as MPII's mean; () for every joint),
+    ``PCKh_all`` over every visible joint, and ``per_joint`` (nan for a joint never visible).
     """
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     vis = np.asarray(visible, bool)
@@ -90,8 +94,13 @@ def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_size: np.nd
     correct = (err <= threshold) & vis
     counts = vis.sum(0)
     per_joint = np.where(counts > 0, correct.sum(0) / np.maximum(counts, 1), np.nan)
-    return {"PCKh": float(correct.sum() / max(vis.sum(), 1)), "per_joint": per_joint.tolist(),
+    if excluded is None:
+        excluded = MPII_EXCLUDED if vis.shape[1] == 16 else ()
+    used = np.ones(vis.shape[1], bool)
+    used[list(excluded)] = False
+    return {"PCKh": float(correct[:, used].sum() / max(vis[:, used].sum(), 1)),
+            "PCKh_all": float(correct.sum() / max(vis.sum(), 1)), "per_joint": per_joint.tolist(),
             "threshold": threshold}
 
 
-__all__ = ["COCO_STATS", "crops_to_coco", "head_size_from_box", "keypoint_ap", "oks", "pckh"]
+__all__ = ["COCO_STATS", "MPII_EXCLUDED", "crops_to_coco", "head_size_from_box", "keypoint_ap", "oks", "pckh"]
