@@ -211,11 +211,11 @@ def model_kwargs(name: str, kwargs: Any, where: str, root: Path | None = None) -
             raise _refuse(f"{where}.{key}", f"not an allowed argument for {fam} backbones (weights come from the "
                                             f"checkpoint or model.init, never a model argument); allowed: {sorted(allowed)}")
         if key == "experts":
-            if root is None:
-                raise _refuse(f"{where}.experts", "expert paths are read only from inside a checkpoint")
-            if not isinstance(value, (list, tuple)):
-                raise _refuse(f"{where}.experts", "a list of paths inside the checkpoint")
-            out[key] = [str(local_path(v, root, f"{where}.experts[{i}]")) for i, v in enumerate(value)]
+            # never opened: the generalist's checkpoint holds its experts' weights, so an artefact's expert list
+            # (the training runs' paths) only says how many to build (models/intern.py takes a count)
+            if isinstance(value, bool) or not isinstance(value, (list, tuple, int)):
+                raise _refuse(f"{where}.experts", "a list of the expert runs, or their number")
+            out[key] = value if isinstance(value, int) else len(value)
         elif key == "base":
             out[key] = base
         else:

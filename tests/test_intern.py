@@ -47,8 +47,8 @@ def _expert_files(tmp_path: Path, base: str, n: int, **kw) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("base,kw,stages", [("vit_tiny_patch16_224", VIT_KW, [0, 1]),
-                                            ("resnet10t", {"channels": [16, 32, 64, 128], "stem_width": 16}, [1, 3])])
+@pytest.mark.parametrize("base,kw,stages", [("vit_tiny_patch16_224", {**VIT_KW, "depth": 4}, [0, 2]),
+                                            ("resnet10t", {"channels": [16, 32, 64, 128], "stem_width": 16}, [0, 2])])
 def test_zero_adapters_give_the_main_backbone(tmp_path, base, kw, stages):
     experts = _expert_files(tmp_path, base, 2, **kw)
     g = timm.create_model("intern_generalist", base=base, experts=experts, adapter_stages=stages, num_classes=5,
@@ -59,11 +59,42 @@ def test_zero_adapters_give_the_main_backbone(tmp_path, base, kw, stages):
         # the experts are the files' weights, and the adapters are wired in: a non-zero one changes the output
         assert torch.equal(g.experts[1].state_dict()[next(iter(load_file(experts[1])))],
                            next(iter(load_file(experts[1]).values())))
-        torch.nn.init.normal_(g.adapters[str(stages[-1])][1].out.weight, std=0.5)
+        # Central_Model's wiring: main stage i takes every expert's fusion stages j <= i (a finer layer1 reaches
+        # layer3 through two stride-2 convs), each path linear and zero at start through its last BatchNorm
+        assert {i: sorted(g.adapters[i][1]) for i in g.adapters} == {str(i): [str(j) for j in stages if j <= i]
+                                                                     for i in stages}
+        cross = g.adapters[str(stages[-1])][1][str(stages[0])]
+        norms = [m for m in cross.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+        assert not any(isinstance(m, (torch.nn.GELU, torch.nn.ReLU)) for m in list(cross.modules())[-1:])
+        torch.nn.init.normal_(norms[-1].weight, std=0.5)
         assert not torch.allclose(g(x), g.main(x))
     g.train()
     assert not any(e.training for e in g.experts) and g.main.training
     assert not any(p.requires_grad for p in g.experts.parameters())
+
+
+def test_generalist_fusion_stages_and_experts_by_count(tmp_path):
+    kw = {**VIT_KW, "depth": 4}
+    experts = _expert_files(tmp_path, "vit_tiny_patch16_224", 2, **kw)
+    # never the last stage; the default is Central_Model's (every stage but the last; ViT-B: 2, 5, 8)
+    with pytest.raises(RecipeError, match="last stage"):
+        timm.create_model("intern_generalist", experts=experts, adapter_stages=[1, 3], in_chans=1, **kw)
+    g = timm.create_model("intern_generalist", experts=experts, num_classes=5, in_chans=1, **kw)
+    assert g.adapter_stages == [0, 1, 2]
+    from foundation.models.intern import default_stages
+
+    assert default_stages(12, "vit") == [2, 5, 8] and default_stages(4, "resnet") == [0, 1, 2]
+    # a checkpoint names its experts by number: built empty, their weights come from the generalist's state dict
+    for p in g.adapters.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    rebuilt = timm.create_model("intern_generalist", experts=2, num_classes=5, in_chans=1, **kw)
+    rebuilt.load_state_dict(g.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), g.eval()(x), rtol=0, atol=0)
+        assert not torch.allclose(g(x), g.main(x))
+    with pytest.raises(RecipeError, match="experts"):
+        timm.create_model("intern_generalist", experts=0, in_chans=1, **kw)
 
 
 def test_generalist_refuses_an_expert_of_another_architecture(tmp_path):
@@ -91,7 +122,7 @@ def _pipeline_files(digits: Path, root: Path) -> Path:
               "train": {**common["train"], "steps": 12, "save_every": 2}}
     generalist = {"name": "g", "model": {**model, "backbone": "intern_generalist",
                                          "kwargs": {**model["kwargs"], "base": "vit_tiny_patch16_224",
-                                                    "adapter_stages": [0, 1]}}, "tasks": tasks, **common}
+                                                    "adapter_stages": [0]}}, "tasks": tasks, **common}
     for name, r in (("amateur", amateur), ("expert", expert), ("generalist", generalist)):
         write_recipe(root / f"{name}.yaml", r)
     pipeline = {
@@ -186,8 +217,8 @@ def test_generalist_experts_stay_frozen(pipeline_run):
                  if n.startswith(f"backbone.experts.{k}.")}
         assert saved.keys() == {n for n in expert if not n.startswith("head.")}
         assert all(torch.equal(saved[n], expert[n]) for n in saved), name
-    # the adapters trained (they left zero); the optimizer holds state for trainable tensors only
-    assert any(weights[n].abs().sum() > 0 for n in weights if n.startswith("backbone.adapters.") and ".out.weight" in n)
+    # the fusion paths trained (their last BatchNorm left zero); the optimizer holds state for trainable tensors only
+    assert any(weights[n].abs().sum() > 0 for n in weights if n.startswith("backbone.adapters.") and n.endswith(".norm.weight"))
     recipe = load_checked(ckpt / "recipe.yaml")
     from foundation.tasks import build_task
 
@@ -198,6 +229,35 @@ def test_generalist_experts_stay_frozen(pipeline_run):
     optimizer = load_state(ckpt)["optimizer"]
     assert len(optimizer["state"]) == len(trainable)
     assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(trainable)
+
+
+@pytest.mark.slow
+def test_generalist_works_after_its_expert_runs_are_gone(pipeline_run, digits_shards, tmp_path):
+    """The generalist's run holds its experts (weights in the checkpoint, their number in the recipe): with the
+    expert runs moved away, eval and export of the generalist still work and give the same figures."""
+    runs = pipeline_run["runs"]
+    gen = runs / "generalist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+    def evaluate(out: Path) -> dict:
+        res = subprocess.run([PYTHON, "-m", "foundation.cli", "eval", "classification", "--checkpoint", str(gen),
+                              "--task", "digits", "--data", str(digits_shards), "--out", str(out)],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    before = evaluate(tmp_path / "before.json")
+    away = tmp_path / "experts-away"
+    (runs / "experts").rename(away)
+    try:
+        after = evaluate(tmp_path / "after.json")
+        assert after == before
+        res = subprocess.run([PYTHON, "-m", "foundation.cli", "export", "--checkpoint", str(gen), "--task", "digits",
+                              "--format", "timm", "--out", str(tmp_path / "export")],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    finally:
+        away.rename(runs / "experts")
 
 
 @pytest.mark.slow
@@ -297,3 +357,32 @@ def test_a_failing_stage_is_one_error_line(tmp_path, digits_shards, capsys):
     assert err.startswith("error: ") and "error: error" not in err and "no-such-shards" in err and err.count("\n") == 1
     state = json.loads((tmp_path / "runs" / "tiny" / "pipeline.json").read_text())["runs"]
     assert state["amateur"]["status"] == "failed" and "experts/digits" not in state
+
+
+def test_amateur_text_tower_carries_into_the_captions_expert_and_the_generalist(tmp_path):
+    """recipes/intern/tiny_cpu.yaml's inits: the captions expert and the generalist start with the amateur's
+    backbone and its captions text tower (part: all), not a text tower from random."""
+    from foundation.config import InitConfig, load_recipe
+    from foundation.engine.transfer import apply_init
+    from foundation.pipeline import load_pipeline
+    from foundation.tasks import build_task
+
+    stages = load_pipeline(REPO / "recipes/intern/tiny_cpu.yaml").stages
+    counts = ["tasks.fmnist.num_classes=10", "tasks.openclipart.num_classes=11", "tasks.digits.num_classes=10"]
+    amateur = build_task(load_recipe(REPO / "recipes/intern/stages/amateur_tiny.yaml", counts))
+    source = tmp_path / "amateur.safetensors"
+    save_file({k: v.contiguous() for k, v in amateur.state_dict().items()}, str(source))
+    src = amateur.state_dict()
+    text = [k for k in src if k.startswith("tasks.captions.model.")]
+    assert text
+    for stage, recipe, extra, to_main in (("experts", "expert_captions_tiny.yaml", [], ""),
+                                          ("generalist", "generalist_tiny.yaml", counts + ["model.kwargs.experts=2"], "main.")):
+        init = stages[stage].init
+        assert init.part == "all"
+        task = build_task(load_recipe(REPO / "recipes/intern/stages" / recipe, extra))
+        apply_init(task, InitConfig(path=str(source), part=init.part, remap=init.remap, include=init.include,
+                                    exclude=init.exclude))
+        got = task.state_dict()
+        assert all(torch.equal(got[k], src[k]) for k in text), stage
+        assert all(torch.equal(got[f"backbone.{to_main}{k[len('backbone.'):]}"], src[k]) for k in src
+                   if k.startswith("backbone.")), stage
