@@ -41,6 +41,22 @@ def _batches(model: nn.Module, loader: Iterable[dict], device, max_batches: int 
         yield model(images)[-1], batch["targets"], images.shape[-1]
 
 
+def flip_back(maps: Tensor, pairs: list, stride: float) -> Tensor:
+    """Heatmaps (B, K, h, w) predicted on the mirrored input → the original input's: left/right joints
+    swapped by ``pairs`` and mirrored about the image's centre (not the map's): the value at map column u
+    is the mirrored map's at w - 1/stride - u (bilinear; a joint at input pixel x sits at x / stride)."""
+    b, k, h, w = maps.shape
+    perm = list(range(k))
+    for a, c in pairs:
+        perm[a], perm[c] = c, a
+    maps = maps[:, perm]
+    src = w - 1.0 / stride - torch.arange(w, dtype=maps.dtype)
+    gx = (2 * src / max(w - 1, 1) - 1).expand(h, w)
+    gy = (2 * torch.arange(h, dtype=maps.dtype) / max(h - 1, 1) - 1)[:, None].expand(h, w)
+    grid = torch.stack([gx, gy], -1)[None].expand(b, h, w, 2).to(maps.device)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def _to_source(xy: Tensor, targets: dict) -> Tensor:
     """Input pixels (B, N, 2) → source pixels through each sample's letterbox map."""
     return (xy - targets["offset"][:, None].to(xy)) / targets["scale"][:, None, None].to(xy)
@@ -48,16 +64,32 @@ def _to_source(xy: Tensor, targets: dict) -> Tensor:
 
 @torch.no_grad()
 def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
-                  all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
-    """COCO keypoint AP/AR (OKS, top-down on the crops) from heatmap peaks; ``vis_acc`` of the visibility logits."""
+                  all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None,
+                  flip_test: bool = True) -> dict:
+    """COCO keypoint AP/AR (OKS, top-down on the crops) from heatmap peaks; ``vis_acc`` of the visibility logits.
+    ``flip_test`` (as COCO results are reported, and the release's tester): the heatmaps and visibility are
+    averaged with those of the mirrored crop (``flip_back``), when the model knows its left/right joint
+    pairs (``keypoint_flip_pairs``, set by the pose task)."""
     was = model.training
     model.eval()
+    pairs = getattr(model, "keypoint_flip_pairs", None) if flip_test else None
     labels, results, vis_hits, vis_n = [], [], 0, 0
-    for out, t, size in _batches(model, loader, device, max_batches):
+    for i_batch, batch in enumerate(loader):
+        if max_batches is not None and i_batch >= max_batches:
+            break
+        images = batch["image"].to(device, non_blocking=True)
+        out, t, size = model(images)[-1], batch["targets"], images.shape[-1]
         maps = out["maps"].float().cpu()
+        vis = out["logits"].float().cpu().sigmoid()
+        if pairs is not None:
+            mirrored = model(images.flip(-1))[-1]
+            maps = (maps + flip_back(mirrored["maps"].float().cpu(), pairs, size / maps.shape[-1])) / 2
+            perm = list(range(vis.shape[1]))
+            for a, c in pairs:
+                perm[a], perm[c] = c, a
+            vis = (vis + mirrored["logits"].float().cpu().sigmoid()[:, perm]) / 2
         xy, val = heatmap_peaks(maps, size / maps.shape[-1])
         src = _to_source(xy + 0.5, t) - 0.5  # the decoder put keypoints on pixel centres
-        vis = out["logits"].float().cpu().sigmoid()
         for i in range(len(maps)):
             labels.append({"keypoints": t["src_keypoints"][i].tolist(), "box": t["box"][i].tolist(),
                            "area": float(t["area"][i])})
@@ -79,7 +111,8 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
     # mean OKS of each crop's prediction with its person: moves before AP does (AP needs OKS >= 0.5)
     mean_oks = float(np.mean([oks(np.asarray(r["keypoints"]).reshape(-1, 3)[:, :2], np.asarray(lab["keypoints"]),
                                   lab["area"], sigmas) for r, lab in zip(results, labels)]))
-    return {**metrics, "OKS": mean_oks, "vis_acc": vis_hits / max(vis_n, 1), "samples": len(labels)}
+    return {**metrics, "OKS": mean_oks, "vis_acc": vis_hits / max(vis_n, 1), "flip_test": float(pairs is not None),
+            "samples": len(labels)}
 
 
 @torch.no_grad()
@@ -182,4 +215,4 @@ def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
     return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))} | {"samples": len(images)}
 
 
-__all__ = ["evaluate_attributes", "evaluate_detection", "evaluate_parsing", "evaluate_pose", "evaluate_reid_queries"]
+__all__ = ["evaluate_attributes", "evaluate_detection", "flip_back", "evaluate_parsing", "evaluate_pose", "evaluate_reid_queries"]

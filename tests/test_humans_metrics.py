@@ -383,3 +383,43 @@ def test_reid_eval_path_market_protocol_by_hand():
     assert res["rank1"] == pytest.approx(0.5) and res["rank5"] == pytest.approx(1.0)
     assert res["mAP"] == pytest.approx(0.75)
     assert (res["queries"], res["gallery"]) == (2, 5)
+
+
+def test_pose_flip_test_mirrors_back_and_swaps_joints():
+    """evaluate_pose's flip test: the direct prediction says nothing (zero maps), the mirrored crop's prediction
+    is exact for the mirrored joints (left/right swapped). Averaged after flip_back, every joint lands on its
+    own ground truth: AP 1; without the flip test, AP ~0; without the swap the two side joints trade places."""
+    from evaluation.human_evals import evaluate_pose, flip_back
+    from foundation.losses.unihcp import heatmap_peaks, heatmap_targets
+
+    size, pairs = 64, [[1, 2]]
+    kps = torch.tensor([[[30.0, 12.0, 2], [20.0, 28.0, 2], [45.0, 32.0, 2]],
+                        [[33.0, 12.0, 2], [14.0, 40.0, 2], [50.0, 44.0, 2]]])  # nose, left, right (input px)
+    mirrored = kps.clone()
+    mirrored[..., 0] = size - 1 - kps[..., 0]
+    mirrored = mirrored[:, [0, 2, 1]]  # the mirrored image's "left" joint is the original right one
+    maps, _ = heatmap_targets(kps, (16, 16), 4.0, 1.5)
+    mirrored_maps, _ = heatmap_targets(mirrored, (16, 16), 4.0, 1.5)
+    back, _ = heatmap_peaks(flip_back(mirrored_maps, pairs, 4.0), 4.0)
+    # input pixels: the same peaks up to the decoder's quarter-pixel shift (the flipped map is resampled by 0.75 px)
+    assert torch.allclose(back, heatmap_peaks(maps, 4.0)[0], atol=2.0)
+
+    images = torch.rand(2, 3, size, size)
+
+    class Scripted(torch.nn.Module):
+        keypoint_flip_pairs = pairs
+
+        def forward(self, x):
+            is_mirror = torch.equal(x, images.flip(-1))
+            return [{"maps": mirrored_maps if is_mirror else torch.zeros_like(maps), "logits": torch.full((2, 3), 5.0)}]
+
+    boxes = torch.tensor([[10.0, 5.0, 40.0, 35.0], [10.0, 5.0, 44.0, 45.0]])
+    targets = {"keypoints": kps, "src_keypoints": kps, "box": boxes, "area": boxes[:, 2] * boxes[:, 3],
+               "offset": torch.zeros(2, 2), "scale": torch.ones(2)}
+    batch = {"image": images, "targets": targets}
+    res = evaluate_pose(Scripted(), [batch])
+    assert res["flip_test"] == 1.0 and res["AP"] == pytest.approx(1.0) and res["OKS"] > 0.95
+    off = evaluate_pose(Scripted(), [batch], flip_test=False)
+    assert off["flip_test"] == 0.0 and off["AP"] < 0.1
+    Scripted.keypoint_flip_pairs = []  # mirrored back but not swapped: the side joints trade places
+    assert evaluate_pose(Scripted(), [batch])["OKS"] < 0.9

@@ -151,6 +151,13 @@ class UniHCPPose(UniHCPTask):
     kind = "pose"
     default_evals = ("unihcp_pose",)
 
+    def __init__(self, model, cfg, meta):
+        super().__init__(model, cfg, meta)
+        from foundation.data.humans import flip_pairs
+
+        # left/right joint pairs, for evaluation's flip test (a plain attribute: not in the state dict)
+        model.keypoint_flip_pairs = [list(p) for p in (meta.get("flip_pairs") or flip_pairs(meta["keypoint_names"]))]
+
     @classmethod
     def num_queries(cls, cfg, meta):
         return len(meta["keypoint_names"])
