@@ -116,19 +116,45 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
 
 
 @torch.no_grad()
+def to_source_maps(maps: Tensor, scale: float, offset: Tensor, src_hw: tuple[int, int], size: int) -> Tensor:
+    """Maps (C, h, w) over a ``size``-square letterboxed input → (C, H, W) at the source resolution: each source
+    pixel centre read (bilinear) at its place in the input (input = scale * (x + 0.5) + offset - 0.5)."""
+    hh, ww = src_hw
+    xs = scale * (torch.arange(ww, dtype=torch.float32) + 0.5) + float(offset[0]) - 0.5
+    ys = scale * (torch.arange(hh, dtype=torch.float32) + 0.5) + float(offset[1]) - 0.5
+    gx = (2 * (xs + 0.5) / size - 1)[None, :].expand(hh, ww)  # align_corners=False over the input's extent
+    gy = (2 * (ys + 0.5) / size - 1)[:, None].expand(hh, ww)
+    grid = torch.stack([gx, gy], -1)[None].to(maps)
+    return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+@torch.no_grad()
 def evaluate_parsing(model: nn.Module, loader: Iterable[dict], device="cpu",
                      all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None) -> dict:
-    """mIoU, pixel accuracy, mean class accuracy on the letterboxed label maps (padding is ignored)."""
+    """mIoU, pixel accuracy, mean class accuracy at the original resolution (``src_label_map``: the mask
+    logits read at each source pixel, as LIP / CIHP are scored); on the letterboxed maps (padding ignored)
+    when the batches have no source maps (``original_resolution`` says which)."""
     was = model.training
     model.eval()
     meter = None
-    n = 0
+    n, original = 0, True
     for out, t, size in _batches(model, loader, device, max_batches):
-        maps = F.interpolate(out["maps"].float(), size=(size, size), mode="bilinear", align_corners=False)
-        pred = parsing_prediction(out["logits"].float(), maps).cpu().numpy()
         if meter is None:
-            meter = ParsingMeter(maps.shape[1])
-        for p, g in zip(pred, t["label_map"].numpy()):
+            meter = ParsingMeter(out["maps"].shape[1])
+        src_maps = t.get("src_label_map")
+        original = original and src_maps is not None
+        if src_maps is None:
+            maps = F.interpolate(out["maps"].float(), size=(size, size), mode="bilinear", align_corners=False)
+            pred = parsing_prediction(out["logits"].float(), maps).cpu().numpy()
+            pairs = zip(pred, t["label_map"].numpy())
+        else:
+            pairs = []
+            for i, g in enumerate(src_maps):
+                maps = to_source_maps(out["maps"][i].float().cpu(), float(t["scale"][i]), t["offset"][i],
+                                      tuple(g.shape), size)
+                pred = parsing_prediction(out["logits"][i : i + 1].float().cpu(), maps[None])[0].numpy()
+                pairs.append((pred, np.asarray(g, np.int64)))
+        for p, g in pairs:
             meter.update(p, g)
             n += 1
     model.train(was)
@@ -137,7 +163,8 @@ def evaluate_parsing(model: nn.Module, loader: Iterable[dict], device="cpu",
     conf = all_reduce(torch.from_numpy(meter.conf).to(device)).cpu().numpy()
     n = int(all_reduce(torch.tensor(float(n), device=device)).item())
     res = parsing_metrics(conf)
-    return {k: v for k, v in res.items() if isinstance(v, (int, float))} | {"samples": n}
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))} | {
+        "samples": n, "original_resolution": float(original)}
 
 
 @torch.no_grad()

@@ -321,8 +321,41 @@ def test_evaluations_score_perfect_predictions_near_one(humans):
         batches = list(build_eval_loader(str(humans / kind / "manifest.json"), cfg, batch_size=4))
         res = fn(Oracle(batches, make), batches)
         assert res[key] > 0.9, (kind, res)
+        if kind == "parsing":  # scored on the source label maps: the letterbox undone, padding never counted
+            assert res["original_resolution"] == 1.0, res
         bad = fn(Oracle(batches, lambda t, m=make: {k: -v for k, v in m(t).items()}), batches)
         assert bad[key] < 0.5, (kind, bad)
+
+
+def test_parsing_is_scored_at_the_source_resolution(humans):
+    """Exact per-pixel predictions on a 1.5x letterboxed input (source 64 x 32 -> 96^2, offset 24 px) read back
+    at every source pixel give mIoU 1; the same maps mirrored do not."""
+    from torch import nn
+
+    from evaluation.human_evals import evaluate_parsing
+    from foundation.config import DataConfig
+    from foundation.data.shards import build_eval_loader
+
+    batches = list(build_eval_loader(str(humans / "parsing" / "manifest.json"),
+                                     DataConfig(human=True, image_size=96, workers=0), batch_size=4))
+    t0 = batches[0]["targets"]
+    assert float(t0["scale"][0]) == 1.5 and tuple(t0["src_label_map"][0].shape) == (64, 32)
+
+    class Exact(nn.Module):
+        def __init__(self, mirror: bool):
+            super().__init__()
+            self.i, self.mirror = 0, mirror
+
+        def forward(self, images):
+            lab = batches[self.i]["targets"]["label_map"].clone()
+            self.i += 1
+            lab[lab == 255] = 0
+            maps = F.one_hot(lab, 14).permute(0, 3, 1, 2).float() * 20 - 10
+            return [{"maps": maps.flip(-2) if self.mirror else maps, "logits": torch.full((len(lab), 14), 5.0)}]
+
+    res = evaluate_parsing(Exact(False), batches)
+    assert res["original_resolution"] == 1.0 and res["mIoU"] == pytest.approx(1.0)
+    assert evaluate_parsing(Exact(True), batches)["mIoU"] < 0.7
 
 
 def test_reid_pk_batches_are_identity_balanced_and_resume_exactly(humans):

@@ -17,6 +17,7 @@ Output ``{"key", "image": (3, S, S) float normalised, "targets": {...}}``; the t
 | parsing | ``label_map`` (S, S) long, 255 = ignore (padding included) |
 | attributes | ``attributes`` (A,) long: 1 / 0 / -1 |
 | reid | ``label`` (training id index, -1 off the training split), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery) |
+| parsing (evaluation) | ``src_label_map`` (H, W) uint8: the label map at the source resolution |
 | detection | ``boxes`` (N, 4) xyxy input pixels, ``ignore`` (M, 4) xyxy input pixels, ``src_boxes``, ``src_ignore`` (xywh source) |
 
 plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kind``. ``collate_targets``
@@ -212,6 +213,8 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
             lab = lab[:, ::-1].copy()
             swapped = lab.copy()
             for a, b in flip_pairs(info.get("class_names") or []):
+        if not train:  # evaluation scores parsing at the original resolution (as LIP / CIHP results are reported)
+            targets["src_label_map"] = torch.from_numpy(np.asarray(seg.convert("L"), np.uint8).copy())
                 swapped[lab == a], swapped[lab == b] = b, a
             lab = swapped
         targets["label_map"] = torch.from_numpy(lab)
