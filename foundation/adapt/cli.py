@@ -2,6 +2,7 @@
 
     foundation adapt --checkpoint RUN --data SHARDS --method linear knn [--fraction 0.1 | --shots 5] [--seeds 3]
     foundation adapt --checkpoint RUN --data SHARDS --method finetune --fraction 0.1 --freeze 'blocks.0.*'
+    foundation adapt --checkpoint CLIP_RUN --data SHARDS --method zeroshot linear --feature projected
     foundation adapt --suite recipes/adapt/cpu_suite.yaml
 
 Mistakes the user can fix raise ``DataError`` / ``RecipeError`` / ``CheckpointError`` (exit 2 in the main CLI).
@@ -15,6 +16,7 @@ import logging
 from pathlib import Path
 
 from foundation.adapt.backbone import FEATURES
+from foundation.adapt.report import architecture, csv_rows, write_csv
 from foundation.adapt.run import METHODS, AdaptOptions, Adaptation, FinetuneOptions
 from foundation.data import DataError
 
@@ -23,10 +25,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register ``adapt`` on the main parser's subparsers."""
     p = sub.add_parser(
         "adapt", help="linear probe, k-NN and fine-tuning of a checkpoint on a downstream dataset",
-        description="Adapt a checkpoint to a downstream dataset: linear probe (L-BFGS logistic regression on cached "
-                    "frozen features), k-NN (cosine, temperature-weighted), or fine-tuning through the training "
-                    "engine; on a stratified, seeded fraction or K shots per class of the training split, written as "
-                    "split files. --suite runs datasets x methods x fractions into one table. See docs/adaptation.md.",
+        description="Adapt a checkpoint to a downstream dataset: linear probe (a torch linear layer on cached frozen "
+                    "features, weight decay searched as CLIP_benchmark does), k-NN (cosine, temperature-weighted), "
+                    "fine-tuning through the training engine, or a dual encoder's zero-shot classification; on a "
+                    "stratified, seeded fraction or K shots per class of the training split, written as split files. "
+                    "--suite runs datasets x methods x fractions / shots into one table (and CLIP_benchmark-style "
+                    "CSV rows). See docs/adaptation.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", help="suite file (recipes/adapt/*.yaml): datasets x methods x fractions -> one table")
     p.add_argument("--checkpoint", help="a platform run / checkpoints/step_N, a `foundation export` folder "
@@ -54,7 +58,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim / T)")
     p.add_argument("--holdout", type=float, default=0.2,
-                   help="linear probe: part of each class of the training subset held out to choose C")
+                   help="linear probe: part of each class of the training subset held out to choose the weight decay "
+                        "(the refit then uses the whole subset)")
+    p.add_argument("--probe-lr", type=float, default=0.1, help="linear probe: AdamW learning rate (CLIP_benchmark's)")
+    p.add_argument("--probe-epochs", type=int, default=10, help="linear probe: epochs per fit")
+    p.add_argument("--probe-batch-size", type=int, default=64, help="linear probe: batch size")
     ft = p.add_argument_group("fine-tuning (--method finetune; through the training engine)")
     ft.add_argument("--steps", type=int, default=300)
     ft.add_argument("--ft-batch-size", type=int, default=64)
@@ -85,16 +93,22 @@ def _default_out(checkpoint: str, data: str) -> Path:
 
 
 def options(args: argparse.Namespace) -> AdaptOptions:
-    for name in ("seeds", "batch_size", "workers", "k", "steps", "ft_batch_size"):
+    for name in ("seeds", "batch_size", "workers", "k", "steps", "ft_batch_size", "probe_epochs", "probe_batch_size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "workers" else 1):
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 < args.holdout < 1:
+        raise DataError(f"--holdout must be in (0, 1), got {args.holdout}")
+    if not args.probe_lr > 0:
+        raise DataError(f"--probe-lr must be positive, got {args.probe_lr}")
     ft = FinetuneOptions(steps=args.steps, batch_size=args.ft_batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, layer_decay=args.layer_decay, freeze=list(args.freeze),
                          warmup_steps=args.warmup_steps, wandb=args.wandb, overrides=list(args.set))
     return AdaptOptions(feature=args.feature, weights=args.weights, image_size=args.image_size,
                         batch_size=args.batch_size, device=_device(args.device), workers=args.workers,
                         cache_dir=args.cache, k=args.k, temperature=args.temperature, holdout=args.holdout,
+                        probe_lr=args.probe_lr, probe_epochs=args.probe_epochs,
+                        probe_batch_size=args.probe_batch_size,
                         train_split=args.train_split, val_split=args.val_split, finetune=ft)
 
 
@@ -114,7 +128,11 @@ def run_cli(args: argparse.Namespace) -> int:
     adaptation = Adaptation(args.checkpoint, args.data, out, options(args))
     cells = [adaptation.cell(m, fraction=args.fraction, shots=args.shots, seeds=args.seeds, split_file=args.split_file)
              for m in args.method]
-    summary = {"out": str(out), "results": [
+    name = Path(args.data).resolve()
+    dataset = name.parent.name if name.name == "manifest.json" else name.name
+    model = architecture(args.checkpoint)
+    rows = write_csv([row for c in cells for row in csv_rows(c, dataset, model, args.checkpoint)], out / "results.csv")
+    summary = {"out": str(out), "csv": str(rows), "results": [
         {k: c[k] for k in ("method", "fraction", "shots", "seeds", "train_samples", "top1", "top1_std", "top5", "file")}
         for c in cells]}
     print(json.dumps(summary, indent=2))

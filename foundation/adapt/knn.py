@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from foundation.adapt.probe import topk_accuracy
+from foundation.adapt.probe import classification_metrics
 
 
 def _vote_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
@@ -22,14 +22,14 @@ def _vote_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
 
 def knn_classify(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, k: int = 20,
                  temperature: float = 0.07) -> dict:
-    """Top-1/top-5 (percent) of the temperature-weighted cosine k-NN vote on val."""
+    """Top-1 / top-5 / mean per-class recall (%) of the temperature-weighted cosine k-NN vote on val."""
     k_used = min(k, len(train_y))
     clf = KNeighborsClassifier(n_neighbors=k_used, metric="cosine", algorithm="brute",
                                weights=partial(_vote_weights, temperature=temperature))
     clf.fit(train_x, train_y)
     scores = clf.predict_proba(val_x)
-    return {"top1": topk_accuracy(scores, val_y, clf.classes_, 1), "top5": topk_accuracy(scores, val_y, clf.classes_, 5),
-            "k": k_used, "temperature": temperature, "train_samples": int(len(train_y)), "val_samples": int(len(val_y))}
+    return {**classification_metrics(scores, val_y, clf.classes_), "k": k_used, "temperature": temperature,
+            "train_samples": int(len(train_y)), "val_samples": int(len(val_y))}
 
 
 __all__ = ["knn_classify"]

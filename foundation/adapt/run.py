@@ -22,13 +22,15 @@ from foundation.adapt.features import Features, data_identity, extract_features
 from foundation.adapt.knn import knn_classify
 from foundation.adapt.probe import linear_probe
 from foundation.adapt.splits import make_split, read_split, split_name, write_split
+from foundation.adapt.zeroshot import zeroshot_cell
 from foundation.data import DataError
 from foundation.data.shards import class_names as manifest_class_names
 from foundation.data.shards import iter_raw_samples
 
 log = logging.getLogger(__name__)
 
-METHODS = ("linear", "knn", "finetune", "scratch")  # scratch: the from-scratch baseline (no init)
+# scratch: the from-scratch baseline (no init); zeroshot: a dual encoder's class prompts (no training subset)
+METHODS = ("linear", "knn", "finetune", "scratch", "zeroshot")
 
 
 @dataclass
@@ -62,7 +64,10 @@ class AdaptOptions:
     cache_dir: str | None = None
     k: int = 20
     temperature: float = 0.07
-    holdout: float = 0.2
+    holdout: float = 0.2  # linear probe: part of each class of the subset held out to choose the weight decay
+    probe_lr: float = 0.1  # linear probe: AdamW lr, epochs, batch (CLIP_benchmark's defaults)
+    probe_epochs: int = 10
+    probe_batch_size: int = 64
     train_split: str = "train"
     val_split: str = "val"
     progress: bool = True
@@ -146,6 +151,8 @@ class Adaptation:
         """Run ``method`` on the subset for each seed; returns (and writes) the cell's JSON."""
         if method not in METHODS:
             raise DataError(f"unknown method {method!r}; choose from {list(METHODS)}")
+        if method == "zeroshot":
+            return zeroshot_cell(self)
         full = shots is None and (fraction is None or fraction >= 1) and not split_file
         # a full split is the same for every seed: linear/knn would repeat the same figure
         n_seeds = 1 if (full and method in ("linear", "knn")) or split_file else seeds
@@ -163,7 +170,9 @@ class Adaptation:
                 train, val = self.features(self.opts.train_split), self.features(self.opts.val_split)
                 sub = train.subset(split["keys"])
                 if method == "linear":
-                    result = linear_probe(sub.x, sub.y, val.x, val.y, holdout=self.opts.holdout, seed=seed)
+                    o = self.opts
+                    result = linear_probe(sub.x, sub.y, val.x, val.y, holdout=o.holdout, seed=seed, lr=o.probe_lr,
+                                          epochs=o.probe_epochs, batch_size=o.probe_batch_size, device=o.device)
                 else:
                     result = knn_classify(sub.x, sub.y, val.x, val.y, k=self.opts.k, temperature=self.opts.temperature)
                 result["features_cached"] = {"train": train.cached, "val": val.cached}
@@ -174,6 +183,8 @@ class Adaptation:
             "feature": self.opts.feature if method in ("linear", "knn") else None,
             "fraction": 1.0 if full else fraction, "shots": shots, "seeds": n_seeds,
             "top1": top1_mean, "top1_std": top1_std, "top5": _summarise([r["top5"] for r in runs])[0],
+            "mean_per_class_recall": (_summarise([r["mean_per_class_recall"] for r in runs])[0]
+                                      if all("mean_per_class_recall" in r for r in runs) else None),
             "train_samples": runs[0]["train_samples"], "runs": runs,
         }
         name = f"{method}_{split_name(cell['fraction'] if not split_file else None, shots, 0).rsplit('-seed', 1)[0]}"

@@ -1,8 +1,9 @@
-"""``foundation adapt --suite FILE``: datasets x methods x fractions for one checkpoint, into one table.
+"""``foundation adapt --suite FILE``: datasets x methods x (fractions, K shots) for one checkpoint, into one table.
 
-Every (dataset, method, fraction) is a cell run by ``Adaptation.cell`` and written as its own JSON under
-``<out>/cells/<dataset>/``; a from-scratch baseline trained on 100% of each dataset (INTERN's comparison)
-is one more cell per dataset. A cell whose JSON exists (same checkpoint, seeds and settings) is read, not
+Every (dataset, method, fraction or K shots) is a cell run by ``Adaptation.cell`` and written as its own JSON
+under ``<out>/cells/<dataset>/``; K-shot cells run ``shot_seeds`` subsets (ELEVATER: 5 / 20 / 50 shots x 3
+seeds, mean ± std); a dual encoder's zero-shot classification (``zeroshot: true``) and a from-scratch baseline
+trained on 100% of each dataset (INTERN's comparison) are one more cell each per dataset. A cell whose JSON exists (same checkpoint, seeds and settings) is read, not
 recomputed, so a killed suite resumes where it stopped. A fraction that leaves a class of a dataset
 empty is recorded as that cell's error and shown in the table; the other cells still run.
 """
@@ -57,7 +58,10 @@ class Suite(_Strict):
     datasets: dict[str, str]  # name -> shards with train and val splits (directory or manifest.json)
     methods: list[Literal["linear", "knn", "finetune"]] = ["linear", "knn"]
     fractions: list[float] = [0.01, 0.1, 1.0]
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1)  # subsets per fraction (a full split runs once for linear / k-NN)
+    shots: list[int] = []  # K-shot subsets per class, e.g. ELEVATER's [5, 20, 50]
+    shot_seeds: int = Field(3, ge=1)  # subsets per K (ELEVATER: seeds 0, 1, 2)
+    zeroshot: bool = False  # zero-shot classification of a dual encoder (clip / declip run) on each val split
     scratch: bool = True  # the from-scratch baseline on 100% of each dataset
     feature: Literal[FEATURES] = "pooled"  # type: ignore[valid-type]
     image_size: int | None = Field(None, gt=0)
@@ -67,6 +71,10 @@ class Suite(_Strict):
     batch_size: int = Field(256, gt=0)
     k: int = Field(20, gt=0)
     temperature: float = Field(0.07, gt=0)
+    holdout: float = Field(0.2, gt=0, lt=1)  # linear probe: part of each class held out to choose the weight decay
+    probe_lr: float = Field(0.1, gt=0)  # linear probe (CLIP_benchmark's defaults): AdamW lr, epochs, batch size
+    probe_epochs: int = Field(10, gt=0)
+    probe_batch_size: int = Field(64, gt=0)
     finetune: SuiteFinetune = Field(default_factory=SuiteFinetune)
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "foundation"
@@ -85,15 +93,20 @@ def load_suite(path: str | Path) -> Suite:
     bad = [f for f in suite.fractions if not 0 < f <= 1]
     if bad:
         raise RecipeError(f"{path}: fractions must be in (0, 1], got {bad}")
+    if any(k < 1 for k in suite.shots):
+        raise RecipeError(f"{path}: shots must be at least 1, got {suite.shots}")
     return suite
 
 
-def _settings_key(suite: Suite, opts: AdaptOptions, method: str) -> str:
-    """What a cell's figure depends on besides (dataset, method, fraction): a changed setting reruns the cell."""
-    parts = {"checkpoint": suite.checkpoint, "weights": suite.weights, "seeds": suite.seeds}
-    if method in ("linear", "knn"):
+def _settings_key(suite: Suite, opts: AdaptOptions, method: str, seeds: int) -> str:
+    """What a cell's figure depends on besides (dataset, method, subset): a changed setting reruns the cell."""
+    parts = {"checkpoint": suite.checkpoint, "weights": suite.weights, "seeds": seeds}
+    if method == "zeroshot":
+        parts = {"checkpoint": suite.checkpoint, "image_size": opts.image_size, "zeroshot": 1}
+    elif method in ("linear", "knn"):
         parts |= {"feature": opts.feature, "image_size": opts.image_size}
-        parts |= {"k": opts.k, "T": opts.temperature} if method == "knn" else {"holdout": opts.holdout}
+        parts |= {"k": opts.k, "T": opts.temperature} if method == "knn" else {
+            "probe": [2, opts.holdout, opts.probe_lr, opts.probe_epochs, opts.probe_batch_size]}  # 2: wd search
     else:
         parts |= {"finetune": dataclasses.asdict(opts.finetune)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -108,7 +121,9 @@ def _options(suite: Suite, base: AdaptOptions, scratch: bool = False) -> AdaptOp
         overrides=[*f.overrides, *base.finetune.overrides])
     return dataclasses.replace(base, feature=suite.feature, weights=suite.weights, image_size=suite.image_size,
                                batch_size=suite.batch_size, workers=suite.workers, cache_dir=suite.cache,
-                               k=suite.k, temperature=suite.temperature, finetune=ft)
+                               k=suite.k, temperature=suite.temperature, holdout=suite.holdout,
+                               probe_lr=suite.probe_lr, probe_epochs=suite.probe_epochs,
+                               probe_batch_size=suite.probe_batch_size, finetune=ft)
 
 
 def run_suite(path: str | Path, base: AdaptOptions, out: str | None = None, checkpoint: str | None = None) -> dict:
@@ -123,27 +138,32 @@ def run_suite(path: str | Path, base: AdaptOptions, out: str | None = None, chec
                             "builds it)")
     cells = []
     for name, data in suite.datasets.items():
-        plan = [(m, f) for m in suite.methods for f in suite.fractions] + ([("scratch", 1.0)] if suite.scratch else [])
+        # (method, fraction, shots, seeds, cell file stem)
+        plan = ([("zeroshot", None, 0, 1, "zeroshot")] if suite.zeroshot else []) + [
+            (m, f, None, suite.seeds, f"{m}_{'full' if f >= 1 else f'fraction{f:g}'}")
+            for m in suite.methods for f in suite.fractions] + [
+            (m, None, k, suite.shot_seeds, f"{m}_shots{k}") for m in suite.methods for k in suite.shots] + (
+            [("scratch", 1.0, None, suite.seeds, "scratch_full")] if suite.scratch else [])
         adaptations: dict[bool, Adaptation] = {}
-        for method, fraction in plan:
+        for method, fraction, shots, seeds, stem in plan:
             scratch = method == "scratch"
             opts = _options(suite, base, scratch)
-            key = _settings_key(suite, opts, method)
-            path_ = root / "cells" / name / f"{method}_{'full' if fraction >= 1 else f'fraction{fraction:g}'}.json"
+            key = _settings_key(suite, opts, method, seeds)
+            path_ = root / "cells" / name / f"{stem}.json"
             if path_.is_file():
                 done = json.loads(path_.read_text())
                 if done.get("settings") == key:
-                    log.info("suite %s: %s %s %g done (%s)", suite.name, name, method, fraction, path_)
+                    log.info("suite %s: %s %s done (%s)", suite.name, name, stem, path_)
                     cells.append({**done, "dataset": name, "file": str(path_), "reused": True})
                     continue
             if scratch not in adaptations:
                 adaptations[scratch] = Adaptation(suite.checkpoint, data, root / "cells" / name, opts)
             try:
-                cell = adaptations[scratch].cell(method, fraction=fraction, seeds=suite.seeds)
-            except DataError as e:  # e.g. a fraction that empties a class of this dataset
+                cell = adaptations[scratch].cell(method, fraction=fraction, shots=shots, seeds=seeds)
+            except DataError as e:  # e.g. a fraction that empties a class of this dataset, zero-shot of a classifier
                 cell = {"checkpoint": suite.checkpoint, "data": data, "method": method, "fraction": fraction,
-                        "seeds": suite.seeds, "error": str(e)}
-                log.warning("suite %s: %s %s %g: %s", suite.name, name, method, fraction, e)
+                        "shots": shots, "seeds": seeds, "error": str(e)}
+                log.warning("suite %s: %s %s: %s", suite.name, name, stem, e)
             cell = {**{k: v for k, v in cell.items() if k != "file"}, "dataset": name, "settings": key}
             path_.parent.mkdir(parents=True, exist_ok=True)
             path_.write_text(json.dumps(cell, indent=2) + "\n")
