@@ -34,7 +34,11 @@ class AugmentConfig(Section):
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    color_jitter: float | None = None
+    # brightness = contrast = saturation strength, or (brightness, contrast, saturation[, hue]); None: off
+    color_jitter: float | tuple[float, float, float] | tuple[float, float, float, float] | None = None
+    color_jitter_prob: float | None = Field(None, ge=0, le=1)  # jitter applied with this probability; None: always
+    grayscale_prob: float = Field(0.0, ge=0, le=1)  # random grayscale (MoCo v2: 0.2)
+    gaussian_blur_prob: float = Field(0.0, ge=0, le=1)  # Gaussian blur, sigma 0.1-2, kernel 23 (MoCo v2: 0.5)
     auto_augment: str | None = None  # timm policy string, e.g. "rand-m9-mstd0.5-inc1" (RandAugment)
     interpolation: str = "bicubic"
     re_prob: float = 0.0  # random erasing probability
@@ -179,6 +183,8 @@ class DeclipConfig(Section):
     eda_alpha: float = Field(0.1, ge=0, le=1)  # EDA: fraction of a caption's words each operation changes
     mask_prob: float = Field(0.15, gt=0, lt=1)  # MLM: fraction of (non-special) tokens selected
     queue_size: int = Field(65536, gt=0)  # NNS: text embeddings kept (FIFO)
+    # NNS: random = the released start, every slot a random unit vector; empty = no slot filled (term 0 at first)
+    queue_init: Literal["random", "empty"] = "random"
     simsiam_dim: int = Field(1024, gt=0)  # ISS: projector hidden and output width
     simsiam_pred_dim: int = Field(512, gt=0)  # ISS: predictor bottleneck width
 
@@ -228,13 +234,13 @@ class UniHCPConfig(Section):
     cost_giou: float = Field(2.0, ge=0)
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
+    det_ignore_ioa: float = Field(0.7, gt=0, le=1)  # detection: unmatched queries inside an ignore region above this IoA
 
 
 class DistillConfig(Section):
     """Task ``distill``: a plain timm student (``model.backbone``) learns a finished teacher run's features and one
     classification head's logits (INTERN's generalist compressed into one deployable backbone)."""
 
-    det_ignore_ioa: float = Field(0.7, gt=0, le=1)  # detection: unmatched queries inside an ignore region above this IoA
     teacher: str | None = None  # a finished run directory or checkpoint (loaded safely, frozen)
     head: str | None = None  # the teacher's classification task whose logits are distilled (None: its only one)
     feature_weight: float = Field(1.0, ge=0)  # MSE(linear projection of the student's pooled feature, teacher's)
@@ -263,16 +269,16 @@ class OptimConfig(Section):
     name: str = "adamw"  # any timm optimizer name: adamw, sgd, lamb, lars, adafactor, lion, adan, ...
     momentum: float = Field(0.9, ge=0, lt=1)  # for the optimizers that take one (sgd, lars, ...)
     layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay: block i of N gets lr * d^(N-i)
+    # layer decay's exponent lowered by this for backbone parameters (timm's groups: stem 0, block i -> i + 1, the
+    # final norm with the last block; UniHCP's release: 1, so block i of 12 gets d^(10-i)); others keep lr x 1
+    layer_decay_offset: int = 0
+    layer_decay_exempt: list[str] = []  # glob patterns on parameter names kept at lr x 1 by layer decay (lpe_lr)
     lr_mult: dict[str, float] = {}  # glob pattern on parameter names -> lr factor (the last match wins)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-6, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    # layer decay's exponent lowered by this for backbone parameters (timm's groups: stem 0, block i -> i + 1, the
-    # final norm with the last block; UniHCP's release: 1, so block i of 12 gets d^(10-i)); others keep lr x 1
-    layer_decay_offset: int = 0
-    layer_decay_exempt: list[str] = []  # glob patterns on parameter names kept at lr x 1 by layer decay (lpe_lr)
     warmup_steps: int = Field(0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -338,15 +344,15 @@ class TaskEntry(Section):
     num_classes: int | None = Field(None, gt=0)  # classification head size; None: the manifest's class count
     batch_size: int | None = Field(None, gt=0)  # per rank, per micro-batch; None: train.batch_size
     loss_weight: float = Field(1.0, ge=0)  # normalised over the tasks (mix, groups); the draw weight (sample)
+    # a weight per sample (UniHCP's release): loss_weight becomes sample_weight x the task's images per step
+    # (batch_size x data.id_instances, x share under schedule groups), normalised over the tasks as loss_weight is
+    sample_weight: float | None = Field(None, ge=0)
     share: float | None = Field(None, gt=0, le=1)  # schedule groups: the fraction of ranks that own this task
     evals: list[str] | None = None  # keys of evaluation.EVALS on data.val; None: the task's default_evals
 
     @model_validator(mode="after")
     def _has_data(self) -> TaskEntry:
         if not self.data.train:
-    # a weight per sample (UniHCP's release): loss_weight becomes sample_weight x the task's images per step
-    # (batch_size x data.id_instances, x share under schedule groups), normalised over the tasks as loss_weight is
-    sample_weight: float | None = Field(None, ge=0)
             raise ValueError("data.train is not set: every task reads its own shards")
         return self
 
@@ -382,12 +388,6 @@ class Recipe(Section):
         for name in self.tasks:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"tasks.{name}: task names are letters, digits, '_' and '-' (they name metrics)")
-        if sum(e.loss_weight for e in self.tasks.values()) <= 0:
-            raise ValueError("tasks.*.loss_weight: at least one task needs a weight > 0")
-        if self.train.schedule == "groups":
-            missing = [n for n, e in self.tasks.items() if e.share is None]
-            if missing:
-                raise ValueError(f"tasks.{missing[0]}.share: schedule groups needs a share of the ranks for every task")
         for name, e in self.tasks.items():
             if e.sample_weight is not None:  # UniHCP's release: a weight per sample x the task's images per step
                 share = e.share if self.train.schedule == "groups" and e.share is not None else 1.0
@@ -395,6 +395,12 @@ class Recipe(Section):
                 if "loss_weight" in e.model_fields_set and abs(e.loss_weight - weight) > 1e-6 * max(weight, 1.0):
                     raise ValueError(f"tasks.{name}.loss_weight: set it or sample_weight, not both")
                 e.loss_weight = weight
+        if sum(e.loss_weight for e in self.tasks.values()) <= 0:
+            raise ValueError("tasks.*.loss_weight: at least one task needs a weight > 0")
+        if self.train.schedule == "groups":
+            missing = [n for n, e in self.tasks.items() if e.share is None]
+            if missing:
+                raise ValueError(f"tasks.{missing[0]}.share: schedule groups needs a share of the ranks for every task")
             total = sum(e.share for e in self.tasks.values())
             if abs(total - 1) > 1e-6:
                 raise ValueError(f"tasks.*.share: the shares add up to {total:g}; they must add up to 1")
