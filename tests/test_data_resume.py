@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 
 from foundation.data import DataError
-from foundation.data import shards as shards_module
-from foundation.data.shards import build_train_loader
+from foundation.data import tars, train_stream
+from foundation.data.train_stream import build_train_loader
 from test_data_reader import config, make_samples, tokenize, write_dataset
 
 
@@ -20,14 +20,14 @@ from test_data_reader import config, make_samples, tokenize, write_dataset
 def counted_reads(monkeypatch):
     """Counts the samples whose bytes the reader takes out of tar files (workers=0: same process)."""
     counts = {"samples": 0}
-    real = shards_module._tar_samples
+    real = train_stream.tar_samples
 
     def counting(*args, **kwargs):
         for item in real(*args, **kwargs):
             counts["samples"] += 1
             yield item
 
-    monkeypatch.setattr(shards_module, "_tar_samples", counting)
+    monkeypatch.setattr(train_stream, "tar_samples", counting)
     return counts
 
 
@@ -143,21 +143,21 @@ def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, gz):
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    read = list(shards_module._tar_samples(str(path)))
+    read = list(tars.tar_samples(str(path)))
     ours = [s for _, _, s in read]
     theirs = list(wds.tarfile_to_samples()(iter([{"url": str(path)}])))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] and len(ours) == 4
     for a, b in zip(ours, theirs, strict=True):
         assert {k: v for k, v in a.items() if not k.startswith("__")} == {
             k: v for k, v in b.items() if not k.startswith("__")}
-    assert [o for o, _, _ in shards_module._tar_samples(str(path), wanted={2})] == [2]
-    assert [s["__key__"] for _, _, s in shards_module._tar_samples(str(path), start=2)] == ["k2", "k3"]
+    assert [o for o, _, _ in tars.tar_samples(str(path), wanted={2})] == [2]
+    assert [s["__key__"] for _, _, s in tars.tar_samples(str(path), start=2)] == ["k2", "k3"]
     for ordinal, at, sample in read:  # a sample's byte offset finds it again (-1: compressed, no seeking)
         assert (at >= 0) == (not gz)
-        again = list(shards_module._tar_samples(str(path), ordinal, at=at, at_ordinal=ordinal))
+        again = list(tars.tar_samples(str(path), ordinal, at=at, at_ordinal=ordinal))
         assert again[0][0] == ordinal and again[0][2] == sample and len(again) == 4 - ordinal
     if not gz:
         data = path.read_bytes()
         path.write_bytes(data[: data.index(b"x" * 700) + 100])  # cut inside k1.jpg
         with pytest.raises(tarfile.ReadError):
-            list(shards_module._tar_samples(str(path)))
+            list(tars.tar_samples(str(path)))

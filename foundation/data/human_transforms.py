@@ -37,6 +37,7 @@ from PIL import Image
 
 from foundation.config import DataConfig
 from foundation.data.humans import COCO_KEYPOINTS, REID_SPLITS, SEG_KEY, TASK_KINDS, flip_pairs
+from foundation.data.manifest import read_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,8 +50,6 @@ class HumanDecodeError(ValueError):
 
 @functools.lru_cache(maxsize=64)
 def _manifest_task(url: str) -> dict:
-    from foundation.data.shards import read_manifest
-
     try:
         manifest = read_manifest(url) if url else None
     except Exception:  # an unreadable manifest: fall back to what the sample shows
@@ -98,8 +97,6 @@ def _identity_index(url: str) -> dict[int, list[tuple[str, int, int]]]:
     holding ``url`` (tar headers and the small json members are read once per process)."""
     import tarfile
     from pathlib import Path
-
-    from foundation.data.shards import read_manifest
 
     manifest = read_manifest(url)
     if manifest is None or "train" not in manifest.get("splits", {}):
@@ -213,11 +210,11 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
             lab = lab[:, ::-1].copy()
             swapped = lab.copy()
             for a, b in flip_pairs(info.get("class_names") or []):
-        if not train:  # evaluation scores parsing at the original resolution (as LIP / CIHP results are reported)
-            targets["src_label_map"] = torch.from_numpy(np.asarray(seg.convert("L"), np.uint8).copy())
                 swapped[lab == a], swapped[lab == b] = b, a
             lab = swapped
         targets["label_map"] = torch.from_numpy(lab)
+        if not train:  # evaluation scores parsing at the original resolution (as LIP / CIHP results are reported)
+            targets["src_label_map"] = torch.from_numpy(np.asarray(seg.convert("L"), np.uint8).copy())
     elif kind == "attributes":
         attrs = np.asarray(_labels(sample).get("attributes", []), np.int64)
         if attrs.ndim != 1 or not len(attrs) or not np.isin(attrs, (-1, 0, 1)).all():
