@@ -14,19 +14,52 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import yaml
 
+from foundation.adapt.backbone import Backbone
 from foundation.config import RecipeError, load_recipe
 from foundation.data import DataError
 from foundation.data.shards import iter_raw_samples, read_manifest, write_manifest, write_split
 
-if TYPE_CHECKING:
-    from foundation.adapt.run import Adaptation
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneOptions:
+    """How ``--method finetune`` trains (the generated recipe's fields)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    layer_decay: float | None = None
+    freeze: list[str] = field(default_factory=list)
+    warmup_steps: int = 0
+    eval_batch_size: int = 256
+    wandb: str = "auto"
+    parallel: dict[str, Any] = field(default_factory=dict)  # recipe `parallel:` (backend, zero_stage ...)
+    overrides: list[str] = field(default_factory=list)  # further dotted recipe overrides, e.g. train.precision=bf16
+
+
+@dataclass
+class FinetuneSource:
+    """What a fine-tune (or from-scratch) run starts from and trains on: the source checkpoint and its loaded
+    backbone, the target data with its classes, and how to run (settings shared by every method)."""
+
+    checkpoint: str
+    backbone: Backbone
+    data: str
+    class_names: list[str] | None
+    num_classes: int
+    options: FinetuneOptions
+    workers: int = 2
+    device: str = "cpu"
+    progress: bool = True
 
 
 def subset_shards(data: str, split_name: str, keys: list[str], out_dir: Path, class_names: list[str] | None) -> Path:
@@ -71,20 +104,18 @@ def _classifier_name(arch: dict) -> str | None:
     return model.pretrained_cfg.get("classifier") if getattr(model, "pretrained_cfg", None) else None
 
 
-def generate_recipe(adaptation: Adaptation, train_data: str, seed: int, run_root: Path, name: str,
+def generate_recipe(source: FinetuneSource, train_data: str, seed: int, run_root: Path, name: str,
                     scratch: bool = False) -> dict:
     """The classification recipe (a raw dict) that fine-tunes (or, ``scratch``, trains afresh) on the subset."""
-    backbone = adaptation.backbone
+    backbone = source.backbone
     arch = backbone.finetune
     if arch is None:
-        raise RecipeError(f"{adaptation.checkpoint}: a {backbone.kind} checkpoint cannot be fine-tuned by the training "
+        raise RecipeError(f"{source.checkpoint}: a {backbone.kind} checkpoint cannot be fine-tuned by the training "
                           "engine (its vision tower is not a timm model); use the platform run it was exported from, "
                           "or --method linear / knn")
-    # num_classes: the manifest's class names, else the largest training label + 1
-    num_classes = len(adaptation.class_names) if adaptation.class_names else int(adaptation.train_index()[1].max()) + 1
-    o, ft = adaptation.opts, adaptation.opts.finetune
+    ft = source.options
     pre = backbone.preprocessing
-    model = {"backbone": arch["backbone"], "num_classes": num_classes, "in_chans": pre["in_chans"],
+    model = {"backbone": arch["backbone"], "num_classes": source.num_classes, "in_chans": pre["in_chans"],
              "kwargs": arch.get("kwargs", {}), "freeze": [] if scratch else list(ft.freeze)}
     for key in ("img_size", "patch_size"):
         if arch.get(key) is not None:
@@ -93,34 +124,34 @@ def generate_recipe(adaptation: Adaptation, train_data: str, seed: int, run_root
         classifier = _classifier_name(arch)
         model["init"] = {"path": arch["init"], "part": "backbone",
                          "exclude": [f"{classifier}.*"] if classifier else []}
-    val = str(Path(adaptation.data))
+    val = str(Path(source.data))
     return {
         "name": name, "seed": seed, "output_dir": str(run_root),
         "model": model,
         "task": {"name": "classification"},
         "data": {"train": train_data, "val": val, "image_size": pre["image_size"], "in_chans": pre["in_chans"],
-                 "mean": pre.get("mean"), "std": pre.get("std"), "workers": o.workers,
+                 "mean": pre.get("mean"), "std": pre.get("std"), "workers": source.workers,
                  "augment": {"scale": [0.6, 1.0], "hflip": 0.0, "interpolation": pre.get("interpolation", "bicubic"),
                              "crop_pct": pre.get("crop_pct", 1.0)}},
         "optim": {"name": ft.optimizer, "lr": ft.lr, "weight_decay": ft.weight_decay,
                   "layer_decay": None if scratch else ft.layer_decay, "warmup_steps": ft.warmup_steps},
         "train": {"steps": ft.steps, "batch_size": ft.batch_size, "log_every": max(1, ft.steps // 10),
-                  "device": o.device},
+                  "device": source.device},
         "parallel": dict(ft.parallel),
-        "logging": {"wandb": ft.wandb, "progress": o.progress, "tags": ["adapt", "scratch" if scratch else "finetune"]},
+        "logging": {"wandb": ft.wandb, "progress": source.progress, "tags": ["adapt", "scratch" if scratch else "finetune"]},
     }
 
 
-def finetune(adaptation: Adaptation, split: dict, seed: int, out_dir: Path, scratch: bool = False) -> dict:
+def finetune(source: FinetuneSource, split: dict, seed: int, out_dir: Path, scratch: bool = False) -> dict:
     """Fine-tune (or train from scratch) on ``split``'s training keys; top-1/top-5 on the data's val split."""
     from foundation.train import train
 
-    ft = adaptation.opts.finetune
+    ft = source.options
     full = split.get("samples") == split.get("of")
-    train_data = str(adaptation.data) if full else str(subset_shards(
-        adaptation.data, split["name"], split["keys"], out_dir / "data", adaptation.class_names))
+    train_data = str(source.data) if full else str(subset_shards(
+        source.data, split["name"], split["keys"], out_dir / "data", source.class_names))
     name = f"{'scratch' if scratch else 'finetune'}-seed{seed}"
-    raw = generate_recipe(adaptation, train_data, seed, out_dir, name, scratch)
+    raw = generate_recipe(source, train_data, seed, out_dir, name, scratch)
     out_dir.mkdir(parents=True, exist_ok=True)
     generated = out_dir / f"{name}.recipe.yaml"
     generated.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -136,4 +167,4 @@ def finetune(adaptation: Adaptation, split: dict, seed: int, out_dir: Path, scra
             "layer_decay": raw["optim"]["layer_decay"]}
 
 
-__all__ = ["finetune", "generate_recipe", "subset_shards"]
+__all__ = ["FinetuneOptions", "FinetuneSource", "finetune", "generate_recipe", "subset_shards"]

@@ -13,12 +13,12 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from foundation.adapt.backbone import Backbone, load_backbone
 from foundation.adapt.features import Features, data_identity, extract_features
+from foundation.adapt.finetune import FinetuneOptions, FinetuneSource, finetune
 from foundation.adapt.knn import knn_classify
 from foundation.adapt.probe import linear_probe
 from foundation.adapt.splits import make_split, read_split, split_name, write_split
@@ -31,24 +31,6 @@ log = logging.getLogger(__name__)
 
 # scratch: the from-scratch baseline (no init); zeroshot: a dual encoder's class prompts (no training subset)
 METHODS = ("linear", "knn", "finetune", "scratch", "zeroshot")
-
-
-@dataclass
-class FinetuneOptions:
-    """How ``--method finetune`` trains (the generated recipe's fields)."""
-
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    layer_decay: float | None = None
-    freeze: list[str] = field(default_factory=list)
-    warmup_steps: int = 0
-    eval_batch_size: int = 256
-    wandb: str = "auto"
-    parallel: dict[str, Any] = field(default_factory=dict)  # recipe `parallel:` (backend, zero_stage ...)
-    overrides: list[str] = field(default_factory=list)  # further dotted recipe overrides, e.g. train.precision=bf16
 
 
 @dataclass
@@ -130,6 +112,16 @@ class Adaptation:
                 self._index = (k[order], np.asarray(labels, dtype=np.int64)[order])
         return self._index
 
+    def finetune_source(self) -> FinetuneSource:
+        """What ``--method finetune`` / ``scratch`` starts from: this checkpoint's backbone and this data."""
+        o, backbone = self.opts, self.backbone
+        # num_classes: the manifest's class names, else the largest training label + 1 (not read when the
+        # backbone cannot be fine-tuned: generate_recipe refuses it)
+        num_classes = (len(self.class_names) if self.class_names else
+                       int(self.train_index()[1].max()) + 1 if backbone.finetune is not None else 0)
+        return FinetuneSource(self.checkpoint, backbone, self.data, self.class_names, num_classes, o.finetune,
+                              workers=o.workers, device=o.device, progress=o.progress)
+
     # --- subsets ---------------------------------------------------------------------------------------
     def split(self, fraction: float | None, shots: int | None, seed: int, split_file: str | None = None) -> dict:
         """The training subset (its keys), written as a split file under ``<out>/splits/``."""
@@ -163,9 +155,8 @@ class Adaptation:
             split = self.split(fraction, shots, seed, split_file)
             seed = int(split.get("seed") or 0) if split_file else seed  # a shared split reproduces its run
             if method in ("finetune", "scratch"):
-                from foundation.adapt.finetune import finetune
-
-                result = finetune(self, split, seed, self.out / method / split["name"], scratch=method == "scratch")
+                result = finetune(self.finetune_source(), split, seed, self.out / method / split["name"],
+                                  scratch=method == "scratch")
             else:
                 train, val = self.features(self.opts.train_split), self.features(self.opts.val_split)
                 sub = train.subset(split["keys"])
