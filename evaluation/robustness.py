@@ -521,6 +521,65 @@ def check_pipeline(setup: EvalSetup, data: bytes) -> bool | None:
     return bool(theirs.shape == ours.shape and torch.equal(theirs.float(), ours))
 
 
+def evaluate_readable(setup: EvalSetup, spec: str, args: argparse.Namespace, desc: str,
+                      decode: Callable[[bytes], object], evaluate: Callable[[Iterator, Progress], dict]) -> dict:
+    """``evaluate(samples, progress)`` over the samples of ``spec`` whose image decodes (``decode(bytes)`` is what
+    a sample carries; one that raises is skipped and counted, never fatal), plus where the figures come from."""
+    bad: list[str] = []
+    first: list[bytes] = []
+
+    def samples() -> Iterator[tuple[object, int]]:
+        for raw in iter_raw(spec, args.split, setup.recipe.data.image_key, setup.recipe.data.label_key,
+                            args.max_samples, bad):
+            try:
+                item = decode(raw.data)
+            except Exception:  # a corrupt image is skipped and counted, never fatal
+                bad.append(raw.key)
+                continue
+            if not first:
+                first.append(raw.data)
+            yield item, raw.label
+
+    bar = Progress(args.max_samples, desc, args.quiet)
+    try:
+        result = evaluate(samples(), bar)
+    except NoSamples:
+        raise no_samples_error(spec, args.split, bad) from None
+    finally:
+        bar.close()
+    result["checkpoint"] = str(setup.checkpoint)
+    result["data"] = spec
+    result["skipped_samples"] = {"count": len(bad), "keys": bad[:20]}
+    result["pipeline_matches_training"] = check_pipeline(setup, first[0]) if first else None
+    return result
+
+
+def open_cli_run(args: argparse.Namespace, name: str) -> tuple[EvalSetup, str, Path] | None:
+    """The checkpoint, the data it is evaluated on and the output directory of ``foundation eval <name>``;
+    None (after an ``error:`` line) when there is no data to evaluate on."""
+    setup = load_setup(args.checkpoint, args.device, args.ema, args.data, args.task)
+    spec = args.data or checkpoint_data(setup.recipe)
+    if not spec:
+        print("error: no --data given and the recipe has no data.val", file=sys.stderr)
+        return None
+    out = Path(args.out) if args.out else default_out_dir(setup, name)
+    out.mkdir(parents=True, exist_ok=True)
+    return setup, spec, out
+
+
+def write_cli_report(result: dict, out: Path, args: argparse.Namespace, setup: EvalSetup, name: str,
+                     write_report: Callable[[dict, Path], object], mismatch_warning: str) -> None:
+    """Warn when the reference pipeline is not the training one, write the report (+ W&B), say where it is."""
+    from evaluation.report import log_to_wandb
+
+    if result["pipeline_matches_training"] is False:
+        print(f"warning: {mismatch_warning}", file=sys.stderr)
+    files = write_report(result, out)
+    if args.wandb:
+        log_to_wandb(result, files, kind=name, recipe=setup.recipe)
+    print(f"{name} report: {out / 'report.html'}")
+
+
 class Progress:
     """A tqdm bar on stderr, or nothing."""
 
@@ -585,66 +644,40 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
-def _samples(setup: EvalSetup, spec: str, split: str, max_samples: int | None, bad: list[str],
-             first: list[bytes]) -> Iterator[tuple[Image.Image, int]]:
-    from foundation.data.transforms import decode_image
-
-    for raw in iter_raw(spec, split, setup.recipe.data.image_key, setup.recipe.data.label_key, max_samples, bad):
-        try:
-            img = decode_image(raw.data, setup.in_chans)
-        except Exception:  # a corrupt image is skipped and counted, never fatal
-            bad.append(raw.key)
-            continue
-        if not first:
-            first.append(raw.data)
-        yield img, raw.label
-
-
 def _evaluate_checkpoint(setup: EvalSetup, args: argparse.Namespace, attacks: list[Attack], spec: str,
                          reference_errors=None, reference_clean=None, desc: str = "robustness") -> dict:
-    bad: list[str] = []
-    first: list[bytes] = []
-    bar = Progress(args.max_samples, desc, args.quiet)
-    try:
-        result = evaluate_robustness(
-            setup.model, _samples(setup, spec, args.split, args.max_samples, bad, first),
+    from foundation.data.transforms import decode_image
+
+    def evaluate(samples: Iterator[tuple[Image.Image, int]], progress: Progress) -> dict:
+        return evaluate_robustness(
+            setup.model, samples,
             image_size=setup.image_size, in_chans=setup.in_chans, mean=setup.mean, std=setup.std,
             crop_pct=setup.crop_pct, interpolation=setup.interpolation,
             corruptions=resolve_corruptions(args.corruptions), severities=args.severities, attacks=attacks,
             adv_max_samples=args.adv_max_samples, reference_errors=reference_errors,
             reference_clean_error=reference_clean, batch_size=args.batch_size, seed=args.seed,
-            device=setup.device, workers=args.workers, progress=bar,
+            device=setup.device, workers=args.workers, progress=progress,
         )
-    except NoSamples:
-        raise no_samples_error(spec, args.split, bad) from None
-    finally:
-        bar.close()
-    result["checkpoint"] = str(setup.checkpoint)
-    result["data"] = spec
-    result["skipped_samples"] = {"count": len(bad), "keys": bad[:20]}
-    result["pipeline_matches_training"] = check_pipeline(setup, first[0]) if first else None
-    return result
+
+    return evaluate_readable(setup, spec, args, desc, lambda data: decode_image(data, setup.in_chans), evaluate)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval robustness``: evaluate, then write JSON + report + plots (+ W&B with --wandb)."""
-    from evaluation.report import log_to_wandb, write_robustness_report
+    from evaluation.report import write_robustness_report
 
     try:
         corruptions = resolve_corruptions(args.corruptions)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup = load_setup(args.checkpoint, args.device, args.ema, args.data, args.task)
-    spec = args.data or checkpoint_data(setup.recipe)
-    if not spec:
-        print("error: no --data given and the recipe has no data.val", file=sys.stderr)
+    opened = open_cli_run(args, "robustness")
+    if opened is None:
         return 2
+    setup, spec, out = opened
     names = [] if "none" in args.attacks else args.attacks
     attacks = default_attacks(args.eps, args.eps_l2, args.pgd_steps, args.pgd_step_size,
                               not args.no_random_start, names)
-    out = Path(args.out) if args.out else default_out_dir(setup, "robustness")
-    out.mkdir(parents=True, exist_ok=True)
 
     ref_errors = ref_clean = None
     reference = None
@@ -668,13 +701,8 @@ def run_cli(args: argparse.Namespace) -> int:
                                "error": reference["corruptions"]["error"], "wall_s": reference["wall_s"]}
     elif args.reference_errors:
         result["reference"] = {"errors_file": str(args.reference_errors), "clean_error": ref_clean}
-    if result["pipeline_matches_training"] is False:
-        print("warning: the evaluation pipeline does not reproduce the recipe's eval transform bit for bit",
-              file=sys.stderr)
-    files = write_robustness_report(result, out)
-    if args.wandb:
-        log_to_wandb(result, files, kind="robustness", recipe=setup.recipe)
-    print(f"robustness report: {out / 'report.html'}")
+    write_cli_report(result, out, args, setup, "robustness", write_robustness_report,
+                     "the evaluation pipeline does not reproduce the recipe's eval transform bit for bit")
     _print_summary(result)
     return 0
 

@@ -46,16 +46,13 @@ from evaluation.robustness import (
     add_common_arguments,
     batched,
     centre_crop,
-    check_pipeline,
-    checkpoint_data,
-    default_out_dir,
-    iter_raw,
-    load_setup,
-    no_samples_error,
+    evaluate_readable,
+    open_cli_run,
     pil_decode,
     predict,
     resize_size,
     to_input,
+    write_cli_report,
 )
 
 AXES: tuple[str, ...] = ("decoder", "resize", "colour", "precision", "architecture")
@@ -550,53 +547,28 @@ def _int8_model(path: str | None, device) -> dict[str, nn.Module] | None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval sysnoise``: evaluate, then write JSON + report + plot (+ W&B with --wandb)."""
-    from evaluation.report import log_to_wandb, write_sysnoise_report
+    from evaluation.report import write_sysnoise_report
 
-    setup = load_setup(args.checkpoint, args.device, args.ema, args.data, args.task)
-    spec = args.data or checkpoint_data(setup.recipe)
-    if not spec:
-        print("error: no --data given and the recipe has no data.val", file=sys.stderr)
+    opened = open_cli_run(args, "sysnoise")
+    if opened is None:
         return 2
-    out = Path(args.out) if args.out else default_out_dir(setup, "sysnoise")
-    out.mkdir(parents=True, exist_ok=True)
-    bad: list[str] = []
-    first: list[bytes] = []
+    setup, spec, out = opened
 
-    def samples() -> Iterator[tuple[bytes, int]]:
-        for raw in iter_raw(spec, args.split, setup.recipe.data.image_key, setup.recipe.data.label_key,
-                            args.max_samples, bad):
-            try:
-                pil_decode(raw.data, setup.in_chans)
-            except Exception:  # a corrupt image is skipped and counted, never fatal
-                bad.append(raw.key)
-                continue
-            if not first:
-                first.append(raw.data)
-            yield raw.data, raw.label
+    def readable(data: bytes) -> bytes:  # the variants decode the bytes themselves
+        pil_decode(data, setup.in_chans)
+        return data
 
-    bar = Progress(args.max_samples, "sysnoise", args.quiet)
-    try:
-        result = evaluate_sysnoise(
-            setup.model, samples(), image_size=setup.image_size, in_chans=setup.in_chans, mean=setup.mean,
+    def evaluate(samples: Iterator[tuple[bytes, int]], progress: Progress) -> dict:
+        return evaluate_sysnoise(
+            setup.model, samples, image_size=setup.image_size, in_chans=setup.in_chans, mean=setup.mean,
             std=setup.std, crop_pct=setup.crop_pct, interpolation=setup.interpolation, axes=args.axes,
-            jpeg_quality=args.jpeg_quality, batch_size=args.batch_size, device=setup.device, progress=bar,
+            jpeg_quality=args.jpeg_quality, batch_size=args.batch_size, device=setup.device, progress=progress,
             extra_models=_int8_model(args.int8, setup.device),
         )
-    except NoSamples:
-        raise no_samples_error(spec, args.split, bad) from None
-    finally:
-        bar.close()
-    result["checkpoint"] = str(setup.checkpoint)
-    result["data"] = spec
-    result["skipped_samples"] = {"count": len(bad), "keys": bad[:20]}
-    result["pipeline_matches_training"] = check_pipeline(setup, first[0]) if first else None
-    if result["pipeline_matches_training"] is False:
-        print("warning: the SysNoise reference does not reproduce the recipe's eval transform bit for bit",
-              file=sys.stderr)
-    files = write_sysnoise_report(result, out)
-    if args.wandb:
-        log_to_wandb(result, files, kind="sysnoise", recipe=setup.recipe)
-    print(f"sysnoise report: {out / 'report.html'}")
+
+    result = evaluate_readable(setup, spec, args, "sysnoise", readable, evaluate)
+    write_cli_report(result, out, args, setup, "sysnoise", write_sysnoise_report,
+                     "the SysNoise reference does not reproduce the recipe's eval transform bit for bit")
     print(f"reference top-1 {result['reference']['top1']:.2f}% on {result['samples']} samples "
           f"({result['wall_s']:.1f} s)")
     for row in result["variants"]:
