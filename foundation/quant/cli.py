@@ -39,6 +39,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="forward batch size for calibration and evaluation")
     p.add_argument("--val-images", type=int, help="evaluate on at most this many images")
     p.add_argument("--seed", type=int)
+    p.add_argument("--task", help="which task of a multi-task run to quantize: the shared backbone with that task's "
+                                  "head, calibrated and scored on that task's data (required on a multi-task run)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="output directory (default: runs/quant/<checkpoint name>)")
     p.add_argument("--onnx", action="store_true", help="export to ONNX (QDQ), run onnxruntime, compare; "
@@ -143,9 +145,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
 
     configs = configs_from_args(args)
+    from foundation.models.unihcp_export import is_unihcp_checkpoint
+
+    if is_unihcp_checkpoint(args.checkpoint):  # one UniHCP task (--task), scored with its own metric
+        from foundation.quant.unihcp import run_quantize_cli
+
+        return run_quantize_cli(args, configs)
     device = _device(args.device)
-    model, recipe = load_model(args.checkpoint, device=device)
-    out = Path(args.out) if args.out else Path("runs") / "quant" / Path(args.checkpoint).resolve().name
+    model, recipe = load_model(args.checkpoint, device=device, task=args.task)  # a multi-task run: one task's view
+    out = Path(args.out) if args.out else (Path("runs") / "quant" / Path(args.checkpoint).resolve().name
+                                           / (args.task or ""))
     from foundation.models.dual_encoder import DualEncoder
 
     if isinstance(model, DualEncoder):
@@ -166,7 +175,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     split = "val" if args.val else "calibration (not held out)"
     arch = {"source": "recipe", "model": recipe.model.model_dump(mode="json"), "in_chans": recipe.data.in_chans}
-    name = recipe.model.backbone
+    name = recipe.model.backbone + (f"[{args.task}]" if args.task else "")
 
     def on_device(m):
         return lambda x: m(x.to(device))
@@ -262,9 +271,6 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
     from foundation.quant.report import write_results
     from foundation.quant.runner import agreement, evaluate, quantize, save_quantized, top1
 
-    if args.onnx:
-        print("--onnx: the ONNX/onnxruntime check covers single-tower classifiers; a dual encoder's towers are "
-              "quantized and evaluated in PyTorch only")
     batch_size = configs[0].batch_size
     calib_n = max(c.calib_images for c in configs)
     calib, calib_tokens = _collect(build_eval_loader(args.data, recipe.data, batch_size=batch_size, split="train",
@@ -294,6 +300,28 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
     name = f"{recipe.model.backbone}+text"
     arch = {"source": "recipe_tower", "recipe": recipe.model_dump(mode="json")}
     rows, fp_top1 = [], None
+    if args.onnx:  # onnxruntime's own quantize_static of both towers: the deployment baseline
+        from foundation.quant.onnx_export import OnnxRuntimeModel, export_fp32_onnx, ort_quantize_static
+
+        t0 = time.perf_counter()
+        ort_towers = {}
+        for side, tower, inputs in (("image", fp_image, calib), ("text", fp_text, calib_tokens)):
+            fp32_path = export_fp32_onnx(tower.cpu(), inputs[:1], out / f"fp32_{side}.onnx")
+            ort_path = ort_quantize_static(fp32_path, inputs[: configs[0].calib_images], out / f"ort_int8_{side}.onnx")
+            ort_towers[side] = OnnxRuntimeModel(ort_path)
+        seconds = round(time.perf_counter() - t0, 2)
+        model.to(device)
+        with torch.no_grad():
+            w_ort = classifier(ort_towers["text"])
+        preds, labels = evaluate(batches(), {"fp": predictor(fp_image, w_fp), "ort": predictor(ort_towers["image"], w_ort)},
+                                 args.val_images)
+        fp_top1 = top1(preds["fp"], labels)
+        rows.append({"model": name, "method": "ort_quantize_static", "bits": "W8A8", "backend": "onnxruntime",
+                     "outlier_suppression": False, "eval": "zero-shot", "top1": top1(preds["ort"], labels),
+                     "top1_fp": fp_top1, "agreement_fp": agreement(preds["ort"], preds["fp"]), "ptq_seconds": seconds,
+                     "eval_split": split, "eval_images": int(labels.numel()),
+                     "onnx": {"deployment": "int8-qdq (onnxruntime quantize_static)",
+                              "path": {k: v.path for k, v in ort_towers.items()}}})
     for cfg in configs:
         tag = _tag(cfg)
         print(f"== {tag}: image tower")
@@ -305,9 +333,20 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
         save_quantized(q_text, out / tag / "text", {**arch, "tower": "text"}, extra={**extra, "report": rep_text})
         with torch.no_grad():
             w_q = classifier(q_text)
-        preds, labels = evaluate(batches(), {"fp": predictor(fp_image, w_fp), "q": predictor(q_image, w_q),
-                                             "q_image": predictor(q_image, w_fp), "q_text": predictor(fp_image, w_q)},
-                                 args.val_images)
+        predictors = {"fp": predictor(fp_image, w_fp), "q": predictor(q_image, w_q),
+                      "q_image": predictor(q_image, w_fp), "q_text": predictor(fp_image, w_q)}
+        onnx_info = None
+        if args.onnx:  # both towers deployed: zero-shot computed by onnxruntime end to end
+            from foundation.quant.onnx_export import OnnxRuntimeModel, export_onnx
+
+            onnx_info = {side: export_onnx(tower.cpu(), inputs[:1], out / tag / side / "model.onnx")
+                         for side, tower, inputs in (("image", q_image, calib), ("text", q_text, calib_tokens))}
+            q_image.to(device), q_text.to(device)
+            ort_image, ort_text = (OnnxRuntimeModel(onnx_info[s]["path"]) for s in ("image", "text"))
+            with torch.no_grad():
+                w_onnx = classifier(ort_text)
+            predictors["onnx"] = predictor(ort_image, w_onnx)
+        preds, labels = evaluate(batches(), predictors, args.val_images)
         fp_top1 = top1(preds["fp"], labels)
         row = {"model": name, "method": cfg.method, "bits": f"W{cfg.wbits}A{cfg.abits}", "backend": cfg.backend,
                "wbits": cfg.wbits, "abits": cfg.abits, "outlier_suppression": cfg.outlier.enabled,
@@ -321,9 +360,17 @@ def _quantize_dual_encoder(args, configs, model, recipe, device: str, out: Path)
                "outlier": {"image": {k: rep_image.get(k) for k in ("gamma_migration", "token_clipping")},
                            "text": {k: rep_text.get(k) for k in ("gamma_migration", "token_clipping")}},
                "eval_split": split, "eval_images": int(labels.numel()), "checkpoint": str(out / tag)}
+        if onnx_info is not None:
+            kinds = {i["deployment"] for i in onnx_info.values()}
+            row["onnx"] = {"deployment": kinds.pop() if len(kinds) == 1 else "image: {}; text: {}".format(
+                               onnx_info["image"]["deployment"], onnx_info["text"]["deployment"]),
+                           "towers": onnx_info, "top1": top1(preds["onnx"], labels),
+                           "agreement_sim": agreement(preds["onnx"], preds["q"])}
         rows.append(row)
         write_results(out, [_fp_row(name, fp_top1, split)] + rows)
         print(f"   zero-shot top-1 {100 * row['top1']:.2f} (FP {100 * fp_top1:.2f}; image tower alone "
               f"{100 * row['top1_image_tower_only']:.2f}, text tower alone {100 * row['top1_text_tower_only']:.2f}), "
-              f"agreement {100 * row['agreement_fp']:.2f}, PTQ {row['ptq_seconds']:.1f} s")
+              f"agreement {100 * row['agreement_fp']:.2f}, PTQ {row['ptq_seconds']:.1f} s"
+              + (f"; onnxruntime ({row['onnx']['deployment']}) zero-shot top-1 {100 * row['onnx']['top1']:.2f}, "
+                 f"agrees with simulation on {100 * row['onnx']['agreement_sim']:.2f}%" if onnx_info else ""))
     return _finish(args, configs, out, rows, name, fp_top1, split, recipe, calib.shape[0])

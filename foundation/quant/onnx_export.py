@@ -33,11 +33,18 @@ from foundation.quant.modules import quantizers, set_export
 OPSET = 17
 
 
+def io_names(example: Tensor) -> tuple[str, str]:
+    """Graph input/output names: ``image → logits`` for an image model, ``tokens → embedding`` for a text
+    tower (integer input: a CLIP text tower's token ids)."""
+    return ("image", "logits") if example.is_floating_point() else ("tokens", "embedding")
+
+
 def _torch_export(model: nn.Module, example: Tensor, path: Path) -> None:
+    inp, out = io_names(example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        torch.onnx.export(model, (example,), str(path), input_names=[inp], output_names=[out],
+                          dynamic_axes={inp: {0: "batch"}, out: {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
 
 
@@ -216,17 +223,22 @@ def ort_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _ort_input(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+
+
 def ort_predict(session, images: Tensor | np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Outputs of an onnxruntime session for a stack of images."""
+    """Outputs of an onnxruntime session for a stack of inputs (float images, or integer token ids)."""
     x = images.numpy() if isinstance(images, Tensor) else images
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size].astype(np.float32)})[0]
+    return np.concatenate([session.run(None, {name: _ort_input(x[i:i + batch_size])})[0]
                            for i in range(0, x.shape[0], batch_size)])
 
 
 class OnnxRuntimeModel(nn.Module):
-    """An exported model run by onnxruntime (CPU) behind a module's call: float32 images in, outputs
-    out on the input's device — so an evaluation can treat the deployed model like any other."""
+    """An exported model run by onnxruntime (CPU) behind a module's call: float32 images (or integer
+    token ids) in, outputs out on the input's device — so an evaluation can treat the deployed model like
+    any other."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__()
@@ -234,17 +246,25 @@ class OnnxRuntimeModel(nn.Module):
         self.session = ort_session(path, threads)
 
     def forward(self, images: Tensor) -> Tensor:
-        return torch.from_numpy(ort_predict(self.session, images.detach().cpu().float())).to(images.device)
+        x = images.detach().cpu()
+        return torch.from_numpy(ort_predict(self.session, x if not x.is_floating_point() else x.float())).to(images.device)
 
 
-def ort_quantize_static(fp32_path: str | Path, calib: Tensor, out_path: str | Path, per_channel: bool = True) -> Path:
-    """onnxruntime's own static INT8 quantization (QDQ, uint8 activations, int8 weights), same calibration images."""
+def ort_quantize_static(fp32_path: str | Path, calib: Tensor, out_path: str | Path, per_channel: bool = True,
+                        op_types: list[str] | None = None) -> Path:
+    """onnxruntime's own static INT8 quantization (QDQ, uint8 activations, int8 weights), same calibration
+    inputs (images, or a text tower's token ids).
+
+    ``op_types``: the operators it quantizes (default: every one it knows). For a text tower (integer input)
+    the default is ``MatMul``/``Gemm`` only: quantizing everything puts Q/DQ on the causal mask's ``-inf``
+    additions (a range with infinite scale; the embeddings come out unrelated, cosine ~0.4 to FP32)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"image": calib[i:i + 1].numpy().astype(np.float32)} for i in range(calib.shape[0])])
+            name = io_names(calib)[0]
+            self.batches = iter([{name: _ort_input(calib[i:i + 1].numpy())} for i in range(calib.shape[0])])
 
         def get_next(self):
             return next(self.batches, None)
@@ -252,8 +272,10 @@ def ort_quantize_static(fp32_path: str | Path, calib: Tensor, out_path: str | Pa
     out_path = Path(out_path)
     pre = out_path.with_name(out_path.stem + "_pre.onnx")
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    if op_types is None and not calib.is_floating_point():
+        op_types = ["MatMul", "Gemm"]
     quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
     pre.unlink(missing_ok=True)
     return out_path
 
