@@ -145,7 +145,7 @@ def test_queue_fifo_order_and_nearest_neighbour():
     big = NearestNeighbourQueue(size=3, dim=2)
     big.push(vecs)  # more than fits at once: the newest 3, oldest first
     assert torch.allclose(big.ordered(), F.normalize(vecs[4:], dim=-1))
-    assert set(q.state_dict()) == {"embeddings", "ptr", "filled"}  # buffers: saved with the task
+    assert set(q.state_dict()) == {"embeddings", "tags", "ptr", "filled"}  # buffers: saved with the task
 
 
 def test_eda_operations():

@@ -1,6 +1,7 @@
 """Image decoding and augmentation: PIL decode, timm ``create_transform`` for training and evaluation.
 
-Training: random-resized-crop, flip, optional colour jitter / RandAugment / random erasing, then
+Training: random-resized-crop, flip, optional colour jitter (applied with a probability) / random
+grayscale / Gaussian blur (MoCo v2's views, as DeCLIP uses them) / RandAugment / random erasing, then
 normalisation (``DataConfig.augment``). Evaluation: resize to ``image_size / crop_pct`` and centre crop.
 One-channel data (``in_chans: 1``) is decoded as ``L``; its default mean/std are the means of
 ImageNet's three channel statistics.
@@ -64,6 +65,9 @@ def build_train_transform(cfg: DataConfig) -> Transform:
         ratio=a.ratio,
         hflip=a.hflip,
         color_jitter=a.color_jitter,
+        color_jitter_prob=a.color_jitter_prob,
+        grayscale_prob=a.grayscale_prob,
+        gaussian_blur_prob=a.gaussian_blur_prob,
         auto_augment=a.auto_augment,
         interpolation=a.interpolation,
         re_prob=a.re_prob,

@@ -18,14 +18,23 @@ space, a learnable temperature.
 ``extra_tokens`` grows the vocabulary past the tokenizer's (DeCLIP's MLM adds a mask token); pooling
 therefore looks for the end-of-text id rather than the largest id, which is equivalent for plain text.
 
+Paired starts: the towers are built from the run's random stream exactly as for plain CLIP; the added token
+rows (and a task's heads) are drawn afterwards on their own stream (``seeded``: forked from, seeded by, and
+restoring the run's stream). So under one seed CLIP and every DeCLIP variant start from the same vision
+tower and the same text weights (the added rows aside), and CLIP's start is what it always was; a method
+comparison then compares methods, not initialisations.
+
 The architecture is kept as plain JSON-able dicts (``text_cfg``, ``vision_cfg``) in open_clip's own
 terms, so ``foundation.models.open_clip_convert`` can write a model config open_clip loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import math
+from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
 
@@ -38,6 +47,17 @@ from foundation.config import ModelConfig
 # CLIP's text tower (open_clip ViT-B-32 text_cfg): used where neither a config name nor a dimension is given
 CLIP_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0}
 DEFAULT_EMBED_DIM = 512
+
+
+@contextlib.contextmanager
+def seeded(name: str) -> Iterator[None]:
+    """Run the block (building a part called ``name``) on its own CPU random stream, seeded from the seed the
+    run set (``torch.initial_seed()``, i.e. the last ``torch.manual_seed``) and ``name``; the outer stream is
+    restored afterwards, so what else is built, and in which order, never shifts a part's initial weights."""
+    digest = hashlib.sha256(f"{torch.initial_seed()}/{name}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        yield
 
 
 class DualEncoder(nn.Module):
@@ -278,13 +298,17 @@ def build_hf_text_tower(text, embed_dim: int, extra_tokens: int = 0) -> tuple[nn
         vocab_size, pad_id = len(tokenizer), tokenizer.pad_token_id
     else:
         tokenizer = create_tokenizer(context_length)
-        vocab_size, pad_id = len(tokenizer.encoder) + extra_tokens, 0  # open_clip pads with 0
+        vocab_size, pad_id = len(tokenizer.encoder), 0  # open_clip pads with 0
 
     if model_dir is None or not any(model_dir.glob("*.safetensors")):  # random init: size it right away
         config.vocab_size, config.pad_token_id = vocab_size, pad_id
     transformer = _hf_transformer(config, model_dir)
     if transformer.get_input_embeddings().num_embeddings != vocab_size:
         transformer.resize_token_embeddings(vocab_size)  # the tokenizer's vocabulary, not the directory's
+    if extra_tokens:  # added after the tokenizer's rows, on their own stream: those rows stay as without them
+        vocab_size += extra_tokens
+        with seeded("text.extra_tokens"):
+            transformer.resize_token_embeddings(vocab_size)
     transformer.config.vocab_size = vocab_size
     transformer.config.pad_token_id = pad_id
     pooler = HF_POOLERS[text.hf_pooler]
@@ -297,6 +321,18 @@ def build_hf_text_tower(text, embed_dim: int, extra_tokens: int = 0) -> tuple[nn
                 "hf_tokenizer_name": tokenizer.path if isinstance(tokenizer, HFTokenizer) else None,
                 "hf_pooler_type": pooler, "hf_proj_type": text.hf_proj}
     return tower, tokenizer, text_cfg
+
+
+def add_token_rows(text: nn.Module, extra: int) -> None:
+    """Grow an open_clip ``TextTransformer``'s token embedding by ``extra`` rows after the tokenizer's (std
+    0.02, open_clip's init), drawn on their own stream: the existing rows and every other weight are kept."""
+    old = text.token_embedding
+    with torch.no_grad(), seeded("text.extra_tokens"):  # the module's own default init draws too: inside
+        grown = nn.Embedding(old.num_embeddings + extra, old.embedding_dim).to(old.weight)
+        grown.weight[: old.num_embeddings] = old.weight
+        nn.init.normal_(grown.weight[old.num_embeddings:], std=0.02)
+    text.token_embedding = grown
+    text.vocab_size = grown.num_embeddings
 
 
 def resolve_text_cfg(cfg: ModelConfig) -> tuple[dict, int | None, bool]:
@@ -336,11 +372,14 @@ def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 
         text, tokenizer, text_cfg = build_hf_text_tower(de.text, embed_dim, extra_tokens)
     else:
         tokenizer = create_tokenizer(text_cfg["context_length"])
-        text_cfg["vocab_size"] = len(tokenizer.encoder) + extra_tokens
+        text_cfg["vocab_size"] = len(tokenizer.encoder)
         if not text_cfg.get("embed_cls"):
             # pool at the end-of-text token: an added token (the mask) has a larger id than EOT
             text_cfg.update(pool_type="eos", eos_id=tokenizer.eot_token_id)
         text = _build_text_tower(embed_dim, {**text_cfg, "output_tokens": True}, quick_gelu)
+        if extra_tokens:
+            add_token_rows(text, extra_tokens)
+            text_cfg["vocab_size"] += extra_tokens
 
     if vision_full is not None:
         channels = cfg.in_chans if cfg.in_chans is not None else in_chans
@@ -365,5 +404,5 @@ def build_dual_encoder(cfg: ModelConfig, in_chans: int = 3, extra_tokens: int = 
     )
 
 
-__all__ = ["DualEncoder", "HFTokenizer", "ImageTower", "TextTower", "build_dual_encoder", "build_hf_text_tower",
-           "create_tokenizer", "open_clip_config", "resolve_text_cfg"]
+__all__ = ["DualEncoder", "HFTokenizer", "ImageTower", "TextTower", "add_token_rows", "build_dual_encoder",
+           "build_hf_text_tower", "create_tokenizer", "open_clip_config", "resolve_text_cfg", "seeded"]

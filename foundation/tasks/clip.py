@@ -8,7 +8,13 @@ DeCLIP is CLIP plus four switches, each a weighted term of the loss (``task.decl
          + w_nns  * InfoNCE(image -> queued text nearest its caption)   nearest-neighbour supervision
 
 As in DeCLIP, the caption that feeds the contrastive terms is the masked one when TSS is on (one text
-forward gives both the pooled embedding and the MLM token outputs). Task ``clip`` is the InfoNCE term
+forward gives both the pooled embedding and the MLM token outputs). As in the released code, the NNS
+queue starts full of random unit vectors (``queue_init``), every caption view is looked up before this
+step's push, and both the caption and its EDA caption are pushed; ``nns_own`` logs the fraction of
+neighbours that are the query's own caption (near 1: the queue only hands back the caption itself, as on a
+data set much smaller than the queue that has wrapped) and ``nns_init`` the fraction still initial noise.
+The heads and the queue are built on their own random streams (``seeded``), so they shift no weight of the
+dual encoder: CLIP and every DeCLIP variant start from the same towers under one seed. Task ``clip`` is the InfoNCE term
 alone with weight 1. ``self.model`` is the ``DualEncoder`` (what checkpoints call model.safetensors);
 the SimSiam head, the MLM head and the NNS queue belong to the task (task.safetensors).
 """
@@ -24,16 +30,17 @@ from foundation.data.eda import eda
 from foundation.engine.collectives import all_gather_with_grad
 from foundation.losses.infonce import multi_view_infonce, one_way_infonce
 from foundation.losses.mlm import mask_tokens, mlm_loss
-from foundation.losses.nns import NearestNeighbourQueue
+from foundation.losses.nns import NearestNeighbourQueue, caption_tags
 from foundation.losses.simsiam import SimSiamHead, simsiam_loss
-from foundation.models.dual_encoder import DualEncoder, build_dual_encoder
+from foundation.models.dual_encoder import DualEncoder, build_dual_encoder, seeded
 from foundation.models.heads import SharedBackbone
 
 CLIP_ONLY = DeclipConfig(clip_weight=1.0, iss_weight=0.0, tss_weight=0.0, nns_weight=0.0, mvs=False)
 
 
 class DeclipTask(nn.Module):
-    """DualEncoder + DeCLIP's loss terms. ``forward(batch) -> {"loss", "clip", ["iss", "tss", "nns"], "logit_scale"}``.
+    """DualEncoder + DeCLIP's loss terms. ``forward(batch) -> {"loss", "clip", ["iss", "tss", "nns", "nns_own",
+    "nns_init"], "logit_scale"}``.
 
     A batch holds ``image`` (B, C, H, W), ``image2`` (second view; ISS/MVS), ``text`` (B captions) and
     ``tokens`` (B, L) (the loader tokenises with ``self.tokenizer``; tokenised here when missing).
@@ -45,9 +52,16 @@ class DeclipTask(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.simsiam = SimSiamHead(model.embed_dim, cfg.simsiam_dim, cfg.simsiam_pred_dim) if cfg.iss_weight else None
-        self.mlm_head = nn.Linear(model.text_cfg["width"], model.vocab_size) if cfg.tss_weight else None
-        self.nns_queue = NearestNeighbourQueue(cfg.queue_size, model.embed_dim) if cfg.nns_weight else None
+        self.simsiam = self.mlm_head = self.nns_queue = None
+        if cfg.iss_weight:
+            with seeded("simsiam"):
+                self.simsiam = SimSiamHead(model.embed_dim, cfg.simsiam_dim, cfg.simsiam_pred_dim)
+        if cfg.tss_weight:
+            with seeded("mlm_head"):
+                self.mlm_head = nn.Linear(model.text_cfg["width"], model.vocab_size)
+        if cfg.nns_weight:
+            with seeded("nns_queue"):
+                self.nns_queue = NearestNeighbourQueue(cfg.queue_size, model.embed_dim, init=cfg.queue_init)
 
     backbone_name = "model.visual"  # the submodule model.init (part: backbone) and layer decay treat as the backbone
 
@@ -118,25 +132,36 @@ class DeclipTask(nn.Module):
             out["tss"] = tss.detach()
 
         if self.nns_queue is not None:
-            nns = self._nns(normed if cfg.mvs else normed[:1], texts, scale)
+            tags = caption_tags(batch["text"]).to(device)  # (B,) which caption each row is
+            nns, own, noise = self._nns(normed if cfg.mvs else normed[:1], texts, scale, tags)
             loss = loss + cfg.nns_weight * nns
-            out["nns"] = nns.detach()
-            self.nns_queue.push(all_gather_with_grad(texts[0].detach()))  # every rank's captions: same queue
+            out.update(nns=nns.detach(), nns_own=own, nns_init=noise)
+            # after every lookup: the caption and (MVS) its EDA caption of every rank, so all ranks hold one queue
+            gathered = [all_gather_with_grad(t.detach()) for t in texts]
+            all_tags = all_gather_with_grad(tags)
+            self.nns_queue.push(torch.cat(gathered), all_tags.repeat(len(gathered)))
 
         out["loss"] = loss
         out["logit_scale"] = scale.detach()
         return out
 
-    def _nns(self, images: list[Tensor], texts: list[Tensor], scale: Tensor) -> Tensor:
-        """Mean over (image view, text view) of image -> nearest-queued-text InfoNCE; 0 while the queue is empty."""
-        terms = []
+    def _nns(self, images: list[Tensor], texts: list[Tensor], scale: Tensor,
+             tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean over (image view, text view) of image -> nearest-queued-text InfoNCE, the fraction of
+        neighbours from the query's own caption, the fraction still initial random vectors); zeros while
+        the queue is empty. Every text view is looked up before anything of this step is pushed."""
+        terms, own, noise = [], [], []
         for text in texts:
-            neighbour = self.nns_queue.nearest(text)  # (B, E), detached
-            if neighbour is None:
-                return scale.new_zeros(()).float()
+            found = self.nns_queue.lookup(text)  # (B, E) detached, (B,)
+            if found is None:
+                zero = scale.new_zeros(()).float()
+                return zero, zero, zero
+            neighbour, neighbour_tags = found
+            own.append((neighbour_tags == tags).float().mean())
+            noise.append((neighbour_tags == 0).float().mean())
             all_neighbours = all_gather_with_grad(neighbour)
             terms += [one_way_infonce(image, all_neighbours, scale) for image in images]
-        return torch.stack(terms).mean()
+        return torch.stack(terms).mean(), torch.stack(own).mean(), torch.stack(noise).mean()
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
