@@ -665,6 +665,12 @@ def _evaluate_checkpoint(setup: EvalSetup, args: argparse.Namespace, attacks: li
 def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval robustness``: evaluate, then write JSON + report + plots (+ W&B with --wandb)."""
     from evaluation.report import write_robustness_report
+    from foundation.models.unihcp_export import is_unihcp_checkpoint
+
+    if is_unihcp_checkpoint(args.checkpoint):  # a UniHCP task (--task), scored with its own metric
+        from evaluation.unihcp_robustness import run_robustness_cli
+
+        return run_robustness_cli(args)
 
     try:
         corruptions = resolve_corruptions(args.corruptions)

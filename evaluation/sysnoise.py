@@ -548,6 +548,12 @@ def _int8_model(path: str | None, device) -> dict[str, nn.Module] | None:
 def run_cli(args: argparse.Namespace) -> int:
     """``foundation eval sysnoise``: evaluate, then write JSON + report + plot (+ W&B with --wandb)."""
     from evaluation.report import write_sysnoise_report
+    from foundation.models.unihcp_export import is_unihcp_checkpoint
+
+    if is_unihcp_checkpoint(args.checkpoint):  # a UniHCP task (--task), scored with its own metric
+        from evaluation.unihcp_robustness import run_sysnoise_cli
+
+        return run_sysnoise_cli(args)
 
     opened = open_cli_run(args, "sysnoise")
     if opened is None:
