@@ -31,6 +31,23 @@ def _read(path: Path) -> dict | list | None:
         raise ValueError(f"{path}: not valid JSON ({e}); rerun the command that writes it") from None
 
 
+DUAL_ENCODER_TASKS = ("clip", "declip")
+RETRIEVAL_KEYS = ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
+                  "text_to_image_R@5", "text_to_image_R@10", "mean_recall", "images", "texts", "data", "source")
+
+
+def _task_name(run_dir: Path) -> str | None:
+    """The run's ``task.name`` from its ``recipe.yaml`` (None when absent or a multi-task run)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    task = recipe.get("task") if isinstance(recipe, dict) else None
+    return task.get("name") if isinstance(task, dict) else None
+
+
 def quant_dirs(run_dir: Path) -> list[Path]:
     """Where ``foundation quantize`` puts a run's results by default or by the demo's convention."""
     return [d for d in (run_dir / "quant", run_dir.parent / "quant" / run_dir.name) if (d / "results.json").is_file()]
@@ -59,9 +76,21 @@ def collect(run_dir: str | Path, quant: list[str | Path] | None = None) -> dict:
         out["classification"] = {k: cls.get(k) for k in ("top1", "top5", "samples", "data", "source")}
     if zs is not None:
         out["zeroshot"] = {k: zs.get(k) for k in ("top1", "top1_ensemble", "samples", "data", "source")}
+    ret = _read(ev / "retrieval.json")
+    ret_summary = {k[len("eval/retrieval/"):]: v for k, v in summary.items() if k.startswith("eval/retrieval/")}
+    if ret is None and ret_summary:
+        ret = {**ret_summary, "source": "end-of-training evaluation"}
+    dual = zs is not None or ret is not None or _task_name(run_dir) in DUAL_ENCODER_TASKS
+    out["kind"] = "dual encoder" if dual else "classifier"
+    if ret is not None:
+        out["retrieval"] = {k: ret.get(k) for k in RETRIEVAL_KEYS if ret.get(k) is not None}
+    elif dual:
+        out["missing"].append(("retrieval", f"foundation eval retrieval --checkpoint {run} --data CAPTION_SHARDS "
+                                            f"--out {ev / 'retrieval.json'}"))
     if cls is None and zs is None:
-        out["missing"].append(("accuracy", f"foundation eval classification --checkpoint {run} --data VAL_SHARDS "
-                                           f"--out {ev / 'classification.json'}"))
+        what, name = ("zeroshot", "zeroshot.json") if dual else ("classification", "classification.json")
+        out["missing"].append(("accuracy", f"foundation eval {what} --checkpoint {run} --data VAL_SHARDS "
+                                           f"--out {ev / name}"))
 
     rob = _read(ev / "robustness" / "robustness.json")
     if rob is None:
@@ -107,8 +136,8 @@ def collect(run_dir: str | Path, quant: list[str | Path] | None = None) -> dict:
         out["missing"].append(("quantization", f"foundation quantize --checkpoint {run} --data CALIB_SHARDS "
                                                f"--val VAL_SHARDS --recipe recipes/quant/w8a8_rtn.yaml --onnx "
                                                f"--out {run_dir / 'quant'}"))
-    out["sources"] = [str(p) for p in (ev / "classification.json", ev / "zeroshot.json", ev / "robustness" / "report.md",
-                                       ev / "sysnoise" / "report.md") if p.is_file()]
+    out["sources"] = [str(p) for p in (ev / "classification.json", ev / "zeroshot.json", ev / "retrieval.json",
+                                       ev / "robustness" / "report.md", ev / "sysnoise" / "report.md") if p.is_file()]
     out["sources"] += [str(d / "results.md") for d in dirs]
     return out
 
@@ -134,6 +163,11 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     if "zeroshot" in result:
         z = result["zeroshot"]
         head.append(["zero-shot top-1 (%)", z["top1"], f"80-prompt ensemble {_fmt(z.get('top1_ensemble'))}"])
+    if "retrieval" in result:
+        r = result["retrieval"]
+        head.append(["retrieval mean recall (%)", r.get("mean_recall"),
+                     f"image→text R@1 {_fmt(r.get('image_to_text_R@1'))}, text→image R@1 "
+                     f"{_fmt(r.get('text_to_image_R@1'))}; {r.get('images') or '–'} images"])
     if "robustness" in result:
         r = result["robustness"]
         ref = f" vs {r['reference']}" if r.get("reference") else ""
@@ -153,10 +187,17 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
             head.append([f"SysNoise {e['axis']} {e['variant']}", "fails", e.get("note") or ""])
     best = _best_int8(result.get("quantization", []))
     if best is not None:
+        zero_shot = best.get("eval") == "zero-shot"
+        metric = "zero-shot top-1" if zero_shot else "top-1"
         delta = None if best.get("top1_fp") is None else 100 * (best["top1"] - best["top1_fp"])
-        head.append(["INT8 (W8A8) Δtop-1", delta, f"{best['method']} / {best.get('backend')}; agreement with FP "
-                                                   f"{_fmt(100 * best['agreement_fp'])}%"])
+        towers = (f"; image tower alone {_fmt(100 * best['top1_image_tower_only'])}%, text tower alone "
+                  f"{_fmt(100 * best['top1_text_tower_only'])}%" if best.get("top1_image_tower_only") is not None else "")
+        head.append([f"INT8 (W8A8) Δ{metric}", delta, f"{best['method']} / {best.get('backend')}; agreement with FP "
+                                                      f"{_fmt(100 * best['agreement_fp'])}%{towers}"])
         onnx = best.get("onnx") or {}
+        if onnx.get("top1") is not None and best.get("top1_fp") is not None:
+            head.append([f"INT8 deployed in onnxruntime: Δ{metric}", 100 * (onnx["top1"] - best["top1_fp"]),
+                         ("both towers deployed; " if zero_shot else "") + onnx.get("deployment", "")])
         if onnx.get("agreement_sim") is not None:
             head.append(["INT8 deployed in onnxruntime: agreement with simulation (%)", 100 * onnx["agreement_sim"],
                          onnx.get("deployment", "")])
@@ -164,14 +205,20 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
     page.table(["check", "figure", "detail"], head)
 
     if result.get("quantization"):
-        page.heading("Quantization")
-        page.table(["method", "bits", "backend", "OS", "top-1 %", "Δ vs FP", "agreement w/ FP %", "deployed top-1 %",
-                    "PTQ s"],
+        rows = [r for r in result["quantization"] if r.get("top1") is not None]
+        towers = any(r.get("top1_image_tower_only") is not None for r in rows)
+
+        def pct(v):
+            return None if v is None else 100 * v
+
+        page.heading("Quantization" + (" (zero-shot top-1 of the dual encoder)" if towers else ""))
+        page.table(["method", "bits", "backend", "OS", "top-1 %", "Δ vs FP", "agreement w/ FP %", "deployed top-1 %"]
+                   + (["image tower only %", "text tower only %"] if towers else []) + ["PTQ s"],
                    [[r["method"], r.get("bits"), r.get("backend"), "yes" if r.get("outlier_suppression") else "",
                      100 * r["top1"], None if r.get("top1_fp") is None else 100 * (r["top1"] - r["top1_fp"]),
-                     None if r.get("agreement_fp") is None else 100 * r["agreement_fp"],
-                     None if not (r.get("onnx") or {}).get("top1") else 100 * r["onnx"]["top1"], r.get("ptq_seconds")]
-                    for r in result["quantization"] if r.get("top1") is not None])
+                     pct(r.get("agreement_fp")), None if not (r.get("onnx") or {}).get("top1") else 100 * r["onnx"]["top1"]]
+                    + ([pct(r.get("top1_image_tower_only")), pct(r.get("top1_text_tower_only"))] if towers else [])
+                    + [r.get("ptq_seconds")] for r in rows])
     if result["missing"]:
         page.heading("Not run yet")
         page.table(["part", "command"], result["missing"])

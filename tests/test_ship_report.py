@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import tiny_recipe
+from test_clip import declip_run, shards  # noqa: F401 (fixtures: a tiny DeCLIP run on grey-level captions)
 from foundation.cli import main
 from foundation.config import validate
 from foundation.train import train
@@ -69,3 +70,37 @@ def test_report_joins_every_evaluation_of_a_run(digits_shards, tmp_path, capsys)
     (ev / "sysnoise" / "sysnoise.json").write_text("{ truncated")
     assert main(["report", str(run)]) == 2
     assert "sysnoise.json: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_covers_a_dual_encoder(declip_run, shards, tmp_path, capsys):  # noqa: F811
+    """A DeCLIP run: zero-shot and retrieval from the end of training, the W8A8 delta of both towers (simulated
+    and deployed in onnxruntime, tower by tower), corruptions of the zero-shot classifier."""
+    import shutil
+
+    summary, src = declip_run
+    run = tmp_path / src.name
+    shutil.copytree(src, run)  # the fixture's run is shared: write this test's evaluations into a copy
+    data = str(shards)
+    assert main(["report", str(run)]) == 0
+    partial = json.loads((run / "eval" / "report" / "report.json").read_text())
+    assert partial["kind"] == "dual encoder"
+    assert partial["zeroshot"]["top1"] == summary["eval/zeroshot/top1"]
+    assert partial["retrieval"]["mean_recall"] == summary["eval/retrieval/mean_recall"]
+    assert [m[0] for m in partial["missing"]] == ["robustness", "sysnoise", "quantization"]
+
+    assert main(["quantize", "--checkpoint", str(run), "--data", data, "--val", data, "--method", "rtn", "--wbits", "8",
+                 "--abits", "8", "--calib-images", "32", "--batch-size", "16", "--onnx", "--out", str(run / "quant")]) == 0
+    assert main(["eval", "robustness", "--checkpoint", str(run), "--data", data, "--corruptions", "contrast",
+                 "--severities", "3", "--eps", "2/255", "--pgd-steps", "1", "--max-samples", "16", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    report = json.loads((run / "eval" / "report" / "report.json").read_text())
+    rows = {r["method"]: r for r in json.loads((run / "quant" / "results.json").read_text())}
+    assert [m[0] for m in report["missing"]] == ["sysnoise"]
+    assert report["robustness"]["samples"] == 16
+    md = (run / "eval" / "report" / "report.md").read_text()
+    assert "INT8 (W8A8) Δzero-shot top-1" in md and "INT8 deployed in onnxruntime: Δzero-shot top-1" in md
+    assert "image tower only %" in md and "retrieval mean recall (%)" in md
+    rtn = rows["rtn"]
+    assert f"{100 * (rtn['onnx']['top1'] - rtn['top1_fp']):.2f}" in md
