@@ -134,7 +134,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from foundation.predict import PredictError, run_predict
 
     try:
-        result = run_predict(args.checkpoint, args.image, args.task, args.out, args.device, args.score_threshold)
+        result = run_predict(args.checkpoint, args.image, args.task, args.out, args.device, args.score_threshold,
+                             args.mode)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="prediction", help="output directory")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--score-threshold", type=float, default=0.3, help="detection boxes drawn at or above this score")
+    p.add_argument("--mode", default="auto", choices=["auto", "scene", "single"],
+                   help="scene: detect people, then pose/parsing/attributes/ReID per person crop (top-down); single: "
+                        "every task on the whole image; auto (default): scene when the detector finds more than one "
+                        "person or one covering under half the picture")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders) or timm (the vision tower)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")

@@ -6,11 +6,19 @@ writes ``pred/prediction.png`` (the image with the skeleton, the parsing overlay
 present attributes), ``pred/prediction.json`` (every task's outputs in source-image pixels) and, for ReID,
 ``pred/reid_embedding.npy`` (the L2-normalised feature, a plain ``.npy`` array). Each task sees the image
 letterboxed to its own ``data.image_size``, as in evaluation.
+
+A scene (``--mode scene``, or ``auto`` when the detector finds more than one person or one who fills less
+than half the picture) goes top-down, as the released code evaluates the per-person tasks: detection on the
+whole image → each person's box expanded ×1.25 about its centre (the top-down crop padding, ``BOX_PADDING``)
+→ pose, parsing, attributes and ReID on each crop → everything mapped back to the scene's pixels, drawn on
+one picture, and written as one JSON list of people (``people``: box, score, keypoints, present parsing
+classes, attributes, the row of ``reid_embeddings.npy``). A single-person picture keeps the path above.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +141,135 @@ def draw_prediction(image: Image.Image, results: dict) -> Image.Image:
     return canvas
 
 
+BOX_PADDING = 1.25  # top-down crops: the box grown about its centre (the release's COCO pose _box2cs padding)
+PERSON_TASKS = ("pose", "parsing", "attributes", "reid")
+
+
+def person_crop(box: Sequence[float], padding: float = BOX_PADDING) -> tuple[int, int, int, int]:
+    """A detected box (x0, y0, x1, y1) grown ×``padding`` about its centre, as integer pixel bounds (may lie
+    partly outside the image: the crop is padded with black there, as the letterbox pads)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = max(x1 - x0, 1.0) * padding, max(y1 - y0, 1.0) * padding
+    return (int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2)), int(np.ceil(cx + w / 2)), int(np.ceil(cy + h / 2)))
+
+
+def is_scene(boxes: list, image: Image.Image, min_cover: float = 0.5) -> bool:
+    """Whether detections make ``image`` a scene (top-down per person) rather than a single-person crop: more
+    than one person, or one whose box covers less than ``min_cover`` of the picture."""
+    if len(boxes) > 1:
+        return True
+    if not boxes:
+        return False
+    x0, y0, x1, y1 = boxes[0]
+    return (max(x1 - x0, 0) * max(y1 - y0, 0)) < min_cover * image.width * image.height
+
+
+@torch.no_grad()
+def predict_scene(tasks: dict, image: Image.Image, boxes: list, scores: list | None = None, device: str = "cpu",
+                  max_people: int = 20) -> list[dict]:
+    """Per-person predictions (scene pixels) of the checkpoint's person tasks, one dict per box."""
+    person = {n: v for n, v in tasks.items() if v[0].kind in PERSON_TASKS}
+    people = []
+    for i, box in enumerate(boxes[:max_people]):
+        x0, y0, x1, y1 = person_crop(box)
+        crop = image.crop((x0, y0, x1, y1))  # PIL pads outside the image with black
+        res = predict_image(person, crop, device) if person else {}
+        entry: dict = {"box": [float(v) for v in box], "crop": [x0, y0, x1, y1],
+                       "score": float(scores[i]) if scores is not None else None, "tasks": {}}
+        for name, r in res.items():
+            if r["kind"] == "pose":
+                r["keypoints"] = [[x + x0, y + y0, v] for x, y, v in r["keypoints"]]
+            elif r["kind"] == "parsing":
+                r["crop"] = [x0, y0, x1, y1]
+            entry["tasks"][name] = r
+        people.append(entry)
+    return people
+
+
+def _scene_label_map(people: list[dict], size: tuple[int, int]) -> np.ndarray | None:
+    """The people's parsing maps pasted into one scene-sized map (later people over earlier, background kept)."""
+    out = None
+    for p in people:
+        for r in p["tasks"].values():
+            if r["kind"] != "parsing":
+                continue
+            if out is None:
+                out = np.zeros((size[1], size[0]), np.uint8)
+            x0, y0, x1, y1 = r["crop"]
+            lab = r["label_map"]
+            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, size[0]), min(y1, size[1])
+            if sx1 <= sx0 or sy1 <= sy0:
+                continue
+            part = lab[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+            region = out[sy0:sy1, sx0:sx1]
+            out[sy0:sy1, sx0:sx1] = np.where(part > 0, part, region)
+    return out
+
+
+def draw_scene(image: Image.Image, people: list[dict]) -> Image.Image:
+    """The scene with every person's parsing, box (numbered), skeleton; attributes as numbered lines below."""
+    results: dict = {}
+    label = _scene_label_map(people, image.size)
+    if label is not None:
+        results["parsing"] = {"kind": "parsing", "label_map": label}
+    canvas = draw_prediction(image, results)
+    draw = ImageDraw.Draw(canvas)
+    lines = []
+    for i, p in enumerate(people):
+        draw.rectangle(p["box"], outline=(0, 255, 0), width=2)
+        draw.text((p["box"][0] + 2, p["box"][1] + 2), f"#{i}" + (f" {p['score']:.2f}" if p["score"] is not None
+                                                                  else ""), fill=(0, 255, 0))
+        for name, r in p["tasks"].items():
+            if r["kind"] == "pose":
+                canvas = draw_prediction(canvas, {name: r})
+                draw = ImageDraw.Draw(canvas)
+            elif r["kind"] == "attributes":
+                present = [n for n, v in r["attributes"].items() if v > 0.5]
+                lines.append(f"#{i} {name}: " + (", ".join(present) if present else "(none)"))
+    if lines:
+        framed = Image.new("RGB", (canvas.width, canvas.height + 12 * len(lines) + 4), (255, 255, 255))
+        framed.paste(canvas, (0, 0))
+        d = ImageDraw.Draw(framed)
+        for j, line in enumerate(lines):
+            d.text((2, canvas.height + 2 + 12 * j), line, fill=(0, 0, 0))
+        canvas = framed
+    return canvas
+
+
+def _write_scene(people: list[dict], image: Image.Image, out: Path, summary: dict) -> dict:
+    embeddings = []
+    listing = []
+    for p in people:
+        entry = {"box": p["box"], "score": p["score"], "crop": p["crop"]}
+        for name, r in p["tasks"].items():
+            if r["kind"] == "pose":
+                entry["keypoints"] = r["keypoints"]
+                entry["keypoint_names"] = r.get("names")
+            elif r["kind"] == "parsing":
+                entry["parsing_classes_present"] = sorted({int(c) for c in np.unique(r["label_map"])} - {0})
+            elif r["kind"] == "attributes":
+                entry["attributes"] = r["attributes"]
+            elif r["kind"] == "reid":
+                entry["reid_embedding_row"] = len(embeddings)
+                embeddings.append(r["embedding"])
+        listing.append(entry)
+    draw_scene(image, people).save(out / "prediction.png")
+    label = _scene_label_map(people, image.size)
+    if label is not None:
+        Image.fromarray(label).save(out / "parsing.png")
+        summary["label_map_file"] = str(out / "parsing.png")
+    if embeddings:
+        np.save(out / "reid_embeddings.npy", np.stack(embeddings))
+        summary["embeddings_file"] = str(out / "reid_embeddings.npy")
+    summary["people"] = listing
+    return summary
+
+
 def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, device: str = "cpu",
-                score_threshold: float = 0.3) -> dict:
-    """``foundation predict``: writes prediction.png, prediction.json and (ReID) reid_embedding.npy."""
+                score_threshold: float = 0.3, mode: str = "auto") -> dict:
+    """``foundation predict``: writes prediction.png, prediction.json and (ReID) reid_embedding.npy; a scene
+    (``mode`` scene, or auto-detected) writes one entry per person under ``people`` (see the module doc)."""
     try:
         with Image.open(image_path) as img:
             image = img.convert("RGB")
@@ -148,11 +282,28 @@ def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, devic
         if task not in tasks:
             raise PredictError(f"--task {task!r}: this checkpoint's UniHCP tasks are {sorted(tasks)} (or all)")
         tasks = {task: tasks[task]}
-    results = predict_image(tasks, image, device, score_threshold)
+    if mode not in ("auto", "scene", "single"):
+        raise PredictError(f"--mode {mode!r}: choose auto, scene or single")
     out = Path(out_dir)
+    detector = next((n for n, v in tasks.items() if v[0].kind == "detection"), None)
+    if mode == "scene" and detector is None:
+        raise PredictError(f"--mode scene needs a detection task in the checkpoint; its tasks are {sorted(tasks)}")
+    if mode != "single" and detector is not None and len(tasks) > 1:
+        det = predict_image({detector: tasks[detector]}, image, device, score_threshold)[detector]
+        if mode == "scene" or is_scene(det["boxes"], image):
+            people = predict_scene(tasks, image, det["boxes"], det["scores"], device)
+            out.mkdir(parents=True, exist_ok=True)
+            summary = {"checkpoint": str(checkpoint), "image": str(image_path), "png": str(out / "prediction.png"),
+                       "mode": "scene", "detector": detector, "score_threshold": score_threshold,
+                       "box_padding": BOX_PADDING}
+            summary = _write_scene(people, image, out, summary)
+            (out / "prediction.json").write_text(json.dumps(summary, indent=2, default=float))
+            return summary
+    results = predict_image(tasks, image, device, score_threshold)
     out.mkdir(parents=True, exist_ok=True)
     draw_prediction(image, results).save(out / "prediction.png")
-    summary: dict = {"checkpoint": str(checkpoint), "image": str(image_path), "png": str(out / "prediction.png")}
+    summary: dict = {"checkpoint": str(checkpoint), "image": str(image_path), "png": str(out / "prediction.png"),
+                     "mode": "single"}
     for name, res in results.items():
         entry = {k: v for k, v in res.items() if k not in ("label_map", "embedding", "skeleton")}
         if res["kind"] == "reid":
@@ -167,4 +318,5 @@ def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, devic
     return summary
 
 
-__all__ = ["PredictError", "draw_prediction", "predict_image", "run_predict", "unihcp_tasks"]
+__all__ = ["BOX_PADDING", "PredictError", "draw_prediction", "draw_scene", "is_scene", "person_crop", "predict_image",
+           "predict_scene", "run_predict", "unihcp_tasks"]

@@ -92,7 +92,7 @@ def test_predict_draws_every_task(joint, tmp_path):
     image_path = tmp_path / "scene.png"
     image_path.write_bytes(raw["png"])
     assert cli(["predict", "--checkpoint", str(joint["run"]), "--image", str(image_path), "--task", "all",
-                "--out", str(tmp_path / "pred"), "--score-threshold", "0"]) == 0
+                "--out", str(tmp_path / "pred"), "--score-threshold", "0", "--mode", "single"]) == 0
     out = tmp_path / "pred"
     summary = json.loads((out / "prediction.json").read_text())
     assert set(TASK_NAMES) <= set(summary)

@@ -1,0 +1,209 @@
+"""UniHCP deployment: the tensor seam (UniHCPDeploy) computes what the network computes; FP32 ONNX in
+onnxruntime equals PyTorch; PTQ reconstructs encoder blocks and decoder layers; the INT8 QDQ graph agrees
+with the quantized PyTorch model; a scene's people are predicted top-down and mapped back to their boxes;
+robustness / SysNoise / quantize CLIs score a UniHCP task with its own metric (slow tier)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from foundation.models.unihcp import UniHCPNet, UniHCPShared
+from foundation.models.unihcp_export import OUTPUTS, UniHCPDeploy
+
+KINDS = {"pose": 17, "parsing": 5, "attributes": 7, "reid": 3, "detection": 8}
+ONNX_TOL = 1e-4  # FP32 onnxruntime vs PyTorch, absolute, on outputs of magnitude ~1
+
+
+def _net(kind: str, seed: int = 0) -> UniHCPNet:
+    torch.manual_seed(seed)
+    enc = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
+    shared = UniHCPShared(32, width=32, layers=2, heads=2, ffn=64, neck_norm="groupnorm")
+    return UniHCPNet(kind, enc, shared, KINDS[kind], num_ids=5, det_patterns=2).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_deploy_computes_what_the_network_computes(kind):
+    net = _net(kind)
+    net.reid_feature_norm = kind == "reid"  # the normed ReID feature path too
+    x = torch.randn(2, 3, 32, 48)  # rectangular: the position grid is the input's, not a square's
+    deploy = UniHCPDeploy(net, (32, 48))
+    with torch.no_grad():
+        ref = net(x)[-1]
+        outs = deploy(x)
+        deploy.packed = True
+        flat = deploy(x)
+    assert len(outs) == len(OUTPUTS[kind])
+    for name, out in zip(OUTPUTS[kind], outs):
+        torch.testing.assert_close(out, ref[name], atol=1e-5, rtol=1e-5)
+    assert flat.ndim == 2
+    for a, b in zip(deploy.unpack(flat), outs):
+        assert torch.equal(a, b)
+    # the attention projections are modules a hook-placed quantizer sees (nn.MultiheadAttention's are not)
+    names = [n for n, m in deploy.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "blocks.0.cross.q" in names and "blocks.1.self_attn.out" in names
+
+
+def test_onnx_fp32_equals_pytorch(tmp_path):
+    from foundation.models.unihcp_export import OrtTask, export_onnx
+
+    net = _net("parsing")
+    deploy = UniHCPDeploy(net, 32)
+    path = export_onnx(deploy, tmp_path / "parsing.onnx")
+    x = torch.randn(3, 3, 32, 32)  # batch 3 through a graph exported at batch 1: the batch axis is dynamic
+    with torch.no_grad():
+        ref = net(x)[-1]
+    outs = OrtTask(path)(x)
+    for name, out in zip(OUTPUTS["parsing"], outs):
+        assert (out - ref[name]).abs().max() < ONNX_TOL, name
+
+
+def test_person_crop_grows_the_box_about_its_centre():
+    from foundation.predict import BOX_PADDING, is_scene, person_crop
+
+    x0, y0, x1, y1 = person_crop([10, 20, 50, 100])
+    assert (x0 + x1) / 2 == pytest.approx(30, abs=1) and (y0 + y1) / 2 == pytest.approx(60, abs=1)
+    assert x1 - x0 == pytest.approx(40 * BOX_PADDING, abs=2) and y1 - y0 == pytest.approx(80 * BOX_PADDING, abs=2)
+    img = Image.new("RGB", (100, 100))
+    assert not is_scene([[0, 0, 90, 95]], img)  # one person filling the picture: today's single path
+    assert is_scene([[0, 0, 30, 40]], img) and is_scene([[0, 0, 90, 95], [5, 5, 20, 20]], img)
+    assert not is_scene([], img)
+
+
+def _fake_tasks():
+    """A pose and an attributes task on random tiny networks (no shards needed)."""
+    from foundation.config import DataConfig, UniHCPConfig
+    from foundation.data.humans import COCO_KEYPOINTS
+    from foundation.tasks.unihcp import UniHCPAttributes, UniHCPPose
+
+    data = DataConfig(human=True, image_size=32)
+    pose = UniHCPPose(_net("pose"), UniHCPConfig(), {"kind": "pose", "keypoint_names": list(COCO_KEYPOINTS)})
+    attrs = UniHCPAttributes(_net("attributes"), UniHCPConfig(), {"kind": "attributes",
+                                                                  "attribute_names": [f"a{i}" for i in range(7)]})
+    return {"pose": (pose.eval(), data), "attributes": (attrs.eval(), data)}
+
+
+def test_scene_people_are_predicted_in_their_own_crops():
+    from foundation.predict import draw_scene, predict_scene
+
+    scene = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8))
+    boxes = [[10, 20, 50, 90], [130, 10, 180, 80]]  # two people far apart
+    people = predict_scene(_fake_tasks(), scene, boxes, [0.9, 0.8])
+    assert len(people) == 2
+    for person, box in zip(people, boxes):
+        x0, y0, x1, y1 = person["crop"]
+        assert x0 <= box[0] and x1 >= box[2] and y0 <= box[1] and y1 >= box[3]
+        kps = np.asarray(person["tasks"]["pose"]["keypoints"])
+        assert kps.shape == (17, 3)
+        # each skeleton lies in its own person's letterboxed crop (a square of the crop's long side about its
+        # centre: random weights may peak in the padding), mapped back by the crop's origin; the squares are disjoint
+        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2 + 1
+        assert (abs(kps[:, 0] - cx) <= half).all() and (abs(kps[:, 1] - cy) <= half).all()
+        assert set(person["tasks"]["attributes"]["attributes"]) == {f"a{i}" for i in range(7)}
+    drawn = draw_scene(scene, people)
+    assert drawn.height > scene.height  # attribute lines, one per person
+
+
+# --------------------------------------------------------------------------------------------------
+# slow: PTQ, INT8 ONNX, and the CLIs on a trained tiny model
+
+
+@pytest.mark.slow
+def test_block_reconstruction_covers_encoder_blocks_and_decoder_layers():
+    from foundation.quant.config import load_quant_config
+    from foundation.quant.unihcp import quantize_task, relative_error
+
+    deploy = UniHCPDeploy(_net("pose"), 32)
+    calib = torch.randn(32, 3, 32, 32)
+    errors = {}
+    for method in ("rtn", "brecq"):
+        cfg = load_quant_config(None, {"method": method, "wbits": 4, "abits": 8, "calib_images": 32, "batch_size": 16,
+                                       "reconstruction.iters": 60})
+        q, packed, report = quantize_task(deploy, calib, cfg)
+        errors[method] = relative_error(packed, q, calib)
+        if method == "brecq":
+            units = [u["unit"] for u in report["method"]["units"] if u["kind"] == "block"]
+            assert units == ["encoder.blocks.0", "encoder.blocks.1", "blocks.0", "blocks.1"]
+    assert errors["brecq"] < errors["rtn"]
+
+
+@pytest.mark.slow
+def test_int8_qdq_onnx_agrees_with_quantized_pytorch(tmp_path):
+    from foundation.models.unihcp_export import OrtTask
+    from foundation.quant.config import load_quant_config
+    from foundation.quant.onnx_export import export_onnx
+    from foundation.quant.unihcp import quantize_task
+
+    deploy = UniHCPDeploy(_net("detection"), 32)
+    calib = torch.randn(16, 3, 32, 32)
+    cfg = load_quant_config(None, {"method": "rtn", "wbits": 8, "abits": 8, "calib_images": 16, "batch_size": 8})
+    q, packed, _ = quantize_task(deploy, calib, cfg)
+    info = export_onnx(q, calib[:1], tmp_path / "int8.onnx")
+    assert info["deployment"] == "int8-qdq"
+    ort = OrtTask(info["path"], unpack=deploy.unpack)
+    with torch.no_grad():
+        sim, fp = deploy.unpack(q(calib)), deploy(calib)
+    got = ort(calib)
+    for a, b, f in zip(got, sim, fp):
+        assert (a - b).abs().mean() < 0.05 * (b - f).abs().mean() + 1e-3  # far closer to the simulation than FP is
+
+
+@pytest.fixture(scope="module")
+def attributes_run(tmp_path_factory):
+    from foundation.config import load_recipe
+    from foundation.data.synthetic_humans import generate
+    from foundation.train import seed_everything, train
+
+    root = tmp_path_factory.mktemp("unihcp_deploy")
+    data = root / "humans"
+    generate(data, n=20, seed=0, views=3, size=64)
+    m = f"{data}/attributes/manifest.json"
+    recipe = load_recipe("recipes/unihcp/tiny_single.yaml", [
+        f"output_dir={root / 'runs'}", "name=attr", "task.name=unihcp_attributes", f"data.train={m}", f"data.val={m}",
+        "train.steps=120", "task.evals=[]"])
+    seed_everything(recipe.seed)
+    train(recipe)
+    return {"data": data, "run": recipe.run_dir}
+
+
+@pytest.mark.slow
+def test_robustness_cli_scores_the_task_metric(attributes_run, tmp_path, capsys):
+    from foundation.cli import main as cli
+
+    data = attributes_run["data"] / "attributes"
+    out = tmp_path / "rob"
+    assert cli(["eval", "robustness", "--checkpoint", str(attributes_run["run"]), "--data", str(data),
+                "--corruptions", "fog", "--severities", "1", "5", "--attacks", "pgd", "--eps", "0.0157",
+                "--pgd-steps", "3", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "robustness.json").read_text())
+    assert res["metric"] == "mA" and res["kind"] == "attributes"
+    clean = res["clean"]["mA"]
+    assert res["corruptions"]["fog"]["5"]["mA"] < clean  # severity 5 hurts a trained model
+    assert res["adversarial"][0]["mA"] < clean  # so does PGD up the task loss
+    assert cli(["eval", "robustness", "--checkpoint", str(attributes_run["run"]), "--task", "nope",
+                "--data", str(data)]) == 2
+
+
+@pytest.mark.slow
+def test_sysnoise_and_quantize_clis_on_a_unihcp_task(attributes_run, tmp_path):
+    from foundation.cli import main as cli
+
+    data = attributes_run["data"] / "attributes"
+    assert cli(["eval", "sysnoise", "--checkpoint", str(attributes_run["run"]), "--data", str(data),
+                "--axes", "colour", "precision", "--out", str(tmp_path / "sn"), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "sn" / "sysnoise.json").read_text())["rows"]
+    by = {r["variant"]: r for r in rows}
+    assert {"bgr", "yuv444", "yuv420", "bf16", "fp16"} <= set(by)
+    assert all("delta" in r for r in rows if r["status"] == "ok")
+    assert cli(["quantize", "--checkpoint", str(attributes_run["run"]), "--data", str(data), "--method", "rtn",
+                "--wbits", "8", "--abits", "8", "--calib-images", "32", "--out", str(tmp_path / "q")]) == 0
+    res = json.loads((tmp_path / "q" / "results.json").read_text())
+    fp, q = res[0], res[1]
+    assert fp["method"] == "fp32" and q["metric"] == "mA"
+    assert abs(q["value"] - fp["value"]) < 0.05 and q["output_rel_error"] < 0.05  # W8A8 stays close
