@@ -63,6 +63,13 @@ def collect(run_dir: str | Path, quant: list[str | Path] | None = None) -> dict:
     out: dict = {"run": str(run_dir), "checkpoint": summary.get("checkpoint"), "steps": summary.get("steps"),
                  "missing": []}
     run = str(run_dir)
+    from evaluation.unihcp_report import collect_unihcp, unihcp_tasks
+
+    if unihcp := unihcp_tasks(run_dir):  # UniHCP: one row per task, each with its own metric
+        out["kind"] = "unihcp"
+        out["unihcp"], out["missing"] = collect_unihcp(run_dir, unihcp)
+        out["sources"] = [str(p) for p in sorted(ev.glob("*_*/report.md"))] if ev.is_dir() else []
+        return out
 
     cls = _read(ev / "classification.json")
     if cls is None and "eval/classification/top1" in summary:
@@ -201,6 +208,11 @@ def write_report(result: dict, out: Path) -> dict[str, Path]:
         if onnx.get("agreement_sim") is not None:
             head.append(["INT8 deployed in onnxruntime: agreement with simulation (%)", 100 * onnx["agreement_sim"],
                          onnx.get("deployment", "")])
+    if result.get("unihcp"):
+        from evaluation.unihcp_report import unihcp_table
+
+        page.heading("UniHCP tasks (each with its own metric)")
+        page.table(*unihcp_table(result["unihcp"]))
     page.heading("Headline")
     page.table(["check", "figure", "detail"], head)
 

@@ -166,7 +166,7 @@ def attributes_run(tmp_path_factory):
     m = f"{data}/attributes/manifest.json"
     recipe = load_recipe("recipes/unihcp/tiny_single.yaml", [
         f"output_dir={root / 'runs'}", "name=attr", "task.name=unihcp_attributes", f"data.train={m}", f"data.val={m}",
-        "train.steps=120", "task.evals=[]"])
+        "train.steps=120", "train.evals=[]"])
     seed_everything(recipe.seed)
     train(recipe)
     return {"data": data, "run": recipe.run_dir}
@@ -207,3 +207,33 @@ def test_sysnoise_and_quantize_clis_on_a_unihcp_task(attributes_run, tmp_path):
     fp, q = res[0], res[1]
     assert fp["method"] == "fp32" and q["metric"] == "mA"
     assert abs(q["value"] - fp["value"]) < 0.05 and q["output_rel_error"] < 0.05  # W8A8 stays close
+
+
+def test_report_has_a_row_per_unihcp_task(tmp_path):
+    from evaluation.readiness import collect, write_report
+
+    run = tmp_path / "runs" / "joint"
+    (run / "eval" / "robustness_pose").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("tasks:\n  pose: {task: {name: unihcp_pose}}\n  reid: {task: {name: unihcp_reid}}\n")
+    (run / "eval" / "pose.json").write_text(json.dumps({"AP": 0.5, "OKS": 0.7}))
+    (run / "eval" / "robustness_pose" / "robustness.json").write_text(json.dumps(
+        {"clean": {"AP": 0.5}, "mean_corrupted": 0.3,
+         "adversarial": [{"attack": "pgd", "eps": 0.004, "AP": 0.4}, {"attack": "pgd", "eps": 0.016, "AP": 0.1}]}))
+    q = tmp_path / "runs" / "quant" / "joint_pose"
+    q.mkdir(parents=True)
+    q.joinpath("results.json").write_text(json.dumps([
+        {"method": "fp32", "bits": "FP32", "value": 0.5},
+        {"method": "rtn", "bits": "W8A8", "value": 0.45, "delta": -0.05},
+        {"method": "brecq", "bits": "W8A8", "value": 0.49, "delta": -0.01}]))
+    res = collect(run)
+    assert res["kind"] == "unihcp"
+    rows = {r["task"]: r for r in res["unihcp"]}
+    assert rows["pose"]["clean"] == 0.5 and rows["pose"]["mean_corrupted"] == 0.3
+    assert rows["pose"]["pgd"] == 0.1  # the largest eps
+    assert rows["pose"]["int8_method"] == "brecq" and rows["pose"]["int8_delta"] == -0.01
+    assert rows["reid"]["metric"] == "mAP" and "clean" not in rows["reid"]
+    missing = dict(res["missing"])
+    assert "reid: robustness" in missing and "--task reid" in missing["reid: robustness"]
+    assert "pose: robustness" not in missing and "pose: sysnoise" in missing
+    md = write_report(res, tmp_path / "report")["md"].read_text()
+    assert "UniHCP tasks" in md and "brecq" in md

@@ -97,6 +97,18 @@ def run_quantize_cli(args, configs: list[QuantConfig]) -> int:
     rows = [{"model": f"unihcp/{name}", "method": "fp32", "bits": "FP32", "metric": metric,
              "value": fp.get(metric), second: fp.get(second), "eval": val_spec}]
     print(f"FP32 {metric} {fp.get(metric):.4f} ({second} {fp.get(second, float('nan')):.4f})")
+    if args.onnx:  # the FP32 graph: onnxruntime against PyTorch, output by output
+        from foundation.models.unihcp_export import OUTPUTS, OrtTask, export_onnx
+
+        path = export_onnx(deploy.cpu(), out / "fp32.onnx")
+        deploy.to(device)
+        x = calib[:16]
+        with torch.no_grad():
+            ref = [o.cpu() for o in deploy(x.to(device))]
+        got = OrtTask(path)(x.cpu())
+        rows[0]["onnx"] = {"path": path, "deployment": "fp32",
+                           "max_abs_diff": {n: float((a - b).abs().max()) for n, a, b in zip(OUTPUTS[kind], got, ref)}}
+        print(f"FP32 ONNX in onnxruntime: max |onnxruntime - PyTorch| {rows[0]['onnx']['max_abs_diff']}")
     onnx_rows = {}
     for qcfg in configs:
         tag = f"{qcfg.method}_w{qcfg.wbits}a{qcfg.abits}{'_os' if qcfg.outlier.enabled else ''}_{qcfg.backend}"
@@ -116,12 +128,27 @@ def run_quantize_cli(args, configs: list[QuantConfig]) -> int:
         save_quantized(qmodel, out / tag, {"source": "unihcp_task", "checkpoint": str(args.checkpoint), "task": name},
                        extra={"report": report})
         if args.onnx:
-            onnx_rows[tag] = _onnx_row(deploy, qmodel, calib, out / tag, name)
-            row["onnx"] = onnx_rows[tag]
+            onnx_rows[tag] = row["onnx"] = _onnx_row(deploy, qmodel, calib, out / tag, name)
+            if "path" in row["onnx"]:  # the deployed graph scored like the others, and its distance from PyTorch's
+                from foundation.models.unihcp_export import OrtTask
+
+                ort = OrtTask(row["onnx"]["path"], unpack=deploy.unpack)
+                res_ort = score(TaskOutputs(ort, kind, deploy.keypoint_flip_pairs), kind, val, "cpu")
+                row["onnx"]["value"] = res_ort.get(metric)
+                with torch.no_grad():
+                    sim = qmodel.cpu()(calib[:32].cpu()).float()
+                    got = torch.from_numpy(ort.session.run(None, {"image": calib[:32].cpu().numpy()})[0])
+                row["onnx"]["rel_error_vs_pytorch_quantized"] = float((got - sim).norm() / sim.norm().clamp_min(1e-30))
+                qmodel.to(device)
         rows.append(row)
         print(f"   {metric} {row['value']:.4f} (FP {fp.get(metric):.4f}, Δ {row['delta']:+.4f}); {second} "
               f"{row.get(second, float('nan')):.4f}; output error {100 * row['output_rel_error']:.2f}%; "
-              f"PTQ {row['ptq_seconds']:.1f} s")
+              f"PTQ {row['ptq_seconds']:.1f} s" + (f"; onnxruntime ({row['onnx'].get('deployment')}) {metric} "
+                                                  f"{row['onnx']['value']:.4f}, output error vs PyTorch quantized "
+                                                  f"{100 * row['onnx']['rel_error_vs_pytorch_quantized']:.2f}%"
+                                                  if "value" in row.get("onnx", {}) else
+                                                  (f"; ONNX: {row['onnx']['error']}" if "error" in row.get("onnx", {})
+                                                   else "")))
         _write(out, rows)
     _write(out, rows)
     print(f"results: {out / 'results.json'} and {out / 'results.md'}")
