@@ -315,7 +315,7 @@ class ParallelConfig(Section):
     """How the task is spread over processes. ``auto``: DeepSpeed when a config is given, DDP when
     launched with several processes, else a single process."""
 
-    backend: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    backend: Literal["auto", "single", "ddp", "deepspeed", "fsdp2"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 0
     deepspeed_config: str | None = None  # JSON file; its values win over the ones derived from the recipe
     find_unused_parameters: bool = False
@@ -323,6 +323,12 @@ class ParallelConfig(Section):
     # seconds a collective (or joining the process group) may wait for the other ranks before it fails
     # instead of hanging: a dead rank becomes an error the elastic launcher restarts from
     timeout_s: int = Field(1800, ge=1)
+    # fsdp2 (torch fully_shard per block and the root; docs/distributed.md): parameters, gradients and
+    # optimizer state sharded over the ranks; bf16 on a GPU computes in bf16 and reduces in bf16 (or fp32)
+    fsdp_reshard_after_forward: bool = True  # False: keep each block gathered from forward to backward (ZeRO-2-like)
+    fsdp_reduce_fp32: bool = False  # bf16 on a GPU: reduce-scatter gradients in fp32 instead of bf16
+    fsdp_cpu_offload: bool = False  # sharded parameters, gradients and optimizer state in CPU memory (GPU only)
+    activation_checkpointing: bool = False  # fsdp2: recompute each block's activations in backward
 
 
 class LoggingConfig(Section):

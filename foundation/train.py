@@ -35,6 +35,8 @@ from foundation.engine.checkpoint import (
 from foundation.engine.distributed import (
     DistInfo, Engine, TaskGroups, close_distributed, gather_objects, init_distributed,
 )
+from foundation.engine import fsdp
+from foundation.engine.resume import data_position, load_optimizer_across
 from foundation.engine.streams import SingleStream, TaskStreams, stream_seed
 from foundation.engine.tracking import Tracker, format_duration, setup_logging
 from foundation.engine.transfer import apply_init, build_optimizer, freeze, write_init_report
@@ -187,7 +189,8 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         if step % cfg.log_every == 0 or step == cfg.steps or step == run.start_step + 1:
             log_step(run, step, terms, grad_norm, samples, dt, step_time)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            eval_results = evaluate(run, step)
+            with run.engine.gathered() if run.info.backend == "fsdp2" else contextlib.nullcontext():
+                eval_results = evaluate(run, step)
             if eval_results:
                 run.tracker.log(step, eval_results)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
@@ -257,13 +260,16 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
     if frozen:
         log.info("model.freeze: %d parameter tensors frozen (%s%s)", len(frozen), ", ".join(frozen[:4]),
                  ", ..." if len(frozen) > 4 else "")
-    optimizer = build_optimizer(task, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim, cfg.steps)  # from the recipe, also when resuming
-
-    # -- resume: weights and optimizer before wrapping (DDP broadcasts rank 0's weights when wrapping)
+    # -- resume: weights before wrapping (DDP broadcasts rank 0's weights when wrapping; FSDP2 shards them)
     if state is not None and info.backend != "deepspeed":
         load_task_weights(task, ckpt)
-        load_optimizer_state(optimizer, state["optimizer"], ckpt)
+    if info.backend == "fsdp2":  # sharded in place before the optimizer, which steps the shards
+        fsdp.shard(task, recipe, info)
+    optimizer = build_optimizer(task, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, cfg.steps)  # from the recipe, also when resuming
+    if state is not None and info.backend != "deepspeed":
+        if not load_optimizer_across(task, optimizer, state, ckpt, info.backend):  # another form (FSDP2's dcp/)
+            load_optimizer_state(optimizer, state["optimizer"], ckpt)
     ema = None
     if cfg.ema_decay:  # before compiling: the copy must hold its own (uncompiled) module
         if info.backend == "deepspeed" and recipe.parallel.zero_stage == 3:
@@ -274,7 +280,7 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
     parallel = recipe.parallel
     if recipe.tasks is not None and cfg.schedule == "sample":  # heads of the tasks not drawn get no gradient
         parallel = parallel.model_copy(update={"find_unused_parameters": True})
-    engine = Engine(task, optimizer, info, parallel, cfg, groups=groups)
+    engine = (fsdp.FSDPEngine if info.backend == "fsdp2" else Engine)(task, optimizer, info, parallel, cfg, groups=groups)
     if state is not None:
         if info.backend == "deepspeed":
             engine.wrapped.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_lr_scheduler_states=False)
@@ -285,9 +291,9 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
     start_step = state["step"] if state else 0
     same_world = state is not None and state["world_size"] == info.world_size
     if state is not None and not same_world:
-        log.warning("resuming %d ranks from a %d-rank checkpoint: data streams and RNG restart from the seed",
-                    info.world_size, state["world_size"])
-    position = state["data"][info.rank] if same_world and cfg.resume_data == "exact" else None
+        log.warning("resuming %d ranks from a %d-rank checkpoint: each rank continues its stream if it had one, "
+                    "else starts a new one; RNG restarts from the seed", info.world_size, state["world_size"])
+    position = data_position(state, recipe, info) if state is not None and cfg.resume_data == "exact" else None
     if state is not None and same_world and cfg.resume_data == "restart":
         log.warning("train.resume_data=restart: the data streams start afresh (new order, seeded by the step)")
     counters = dict(state["counters"]) if state else {"nonfinite_steps": 0, "samples": 0}
@@ -320,6 +326,11 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
 def check_resumable(state: dict, recipe: Recipe, info: DistInfo, ckpt: Path) -> None:
     """Stop with what to do when a checkpoint cannot continue under this recipe; log what changed."""
     was, now = state.get("backend", info.backend), info.backend
+    if was == now == "deepspeed" and state["world_size"] != info.world_size and recipe.parallel.zero_stage > 0:
+        raise CheckpointError(
+            f"{ckpt} was written by {state['world_size']} DeepSpeed rank(s) and this run has {info.world_size}: "
+            "ZeRO's optimizer partitions are per rank. Resume at the same world size, or start a new run from its "
+            f"weights with model.init: {{path: {ckpt}, part: all}} (and train.resume=none)")
     if (was == "deepspeed") != (now == "deepspeed"):
         raise CheckpointError(
             f"{ckpt} was written by a {was} run and this one is {now}: the optimizer state is in a different "
@@ -535,7 +546,7 @@ def save(run: Run, step: int) -> Path:
             run.groups.broadcast_task_params(run.ema.module)
         optimizer_state = run.groups.optimizer_state(engine.module, run.optimizer)
     else:
-        optimizer_state = run.optimizer.state_dict() if info.backend != "deepspeed" else {}
+        optimizer_state = run.optimizer.state_dict() if info.backend not in ("deepspeed", "fsdp2") else {}
     state_out = {
         "step": step,
         "optimizer": optimizer_state,
@@ -554,6 +565,7 @@ def save(run: Run, step: int) -> Path:
         info.is_main, run.recipe.train.keep_last, deepspeed_engine=engine.wrapped if engine.is_deepspeed else None,
         extra_files={"ema.safetensors": run.ema.module.state_dict()} if run.ema is not None else None,
         model_prefix=getattr(engine.module, "model_prefix", "model."),
+        sharded_writer=engine.save_sharded if info.backend == "fsdp2" else None,
     )
     log.info("saved %s", path)
     return path
@@ -563,6 +575,8 @@ def weights_digest(engine: Engine) -> str:
     """sha256 of this rank's parameters (ZeRO-3 partitions are gathered first), to check ranks agree."""
     import hashlib
 
+    if engine.info.backend == "fsdp2":
+        return engine.weights_digest()
     h = hashlib.sha256()
     params = list(engine.module.parameters())
     gather = contextlib.nullcontext()
@@ -580,4 +594,6 @@ def _full_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
     """The unwrapped task's weights on rank 0; ZeRO-3 gathers its partitions (collective)."""
     if engine.is_deepspeed and engine.ds_config["zero_optimization"]["stage"] == 3:
         return engine.wrapped._zero3_consolidated_16bit_state_dict()
+    if engine.info.backend == "fsdp2":
+        return engine.full_state_dict()
     return engine.module.state_dict() if engine.info.is_main else None

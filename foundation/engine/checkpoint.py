@@ -10,6 +10,7 @@ Layout of ``runs/<name>/checkpoints/step_<N>/``::
                         plain tensors and containers only: loaded with torch.load(weights_only=True)
     recipe.yaml         the resolved recipe
     deepspeed/          DeepSpeed's own files (DeepSpeed runs only)
+    dcp/                the weights' and optimizer's shards (FSDP2 runs only; torch.distributed.checkpoint)
 
 A checkpoint is written under a temporary name and renamed when complete, so a killed writer leaves
 the previous checkpoint as the newest complete one. This module writes and resumes; reading a checkpoint
@@ -22,6 +23,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +90,22 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     root: Path, step: int, task_state: dict[str, Tensor] | None, state: dict[str, Any], recipe_yaml: str,
     is_main: bool, keep_last: int, deepspeed_engine=None, extra_files: dict[str, dict[str, Tensor]] | None = None,
-    model_prefix: str = "model.",
+    model_prefix: str = "model.", sharded_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically; collective when several ranks run (call on all ranks).
 
     ``task_state`` is the full task state dict on rank 0 (may be None elsewhere). DeepSpeed engines
     also save their own files under ``deepspeed/`` (all ranks take part). ``extra_files`` are further
-    safetensors files (e.g. ``ema.safetensors``), written by rank 0.
+    safetensors files (e.g. ``ema.safetensors``), written by rank 0. ``sharded_writer(tmp)`` is called on
+    every rank to add its shards (FSDP2's ``dcp/``) before the directory is renamed into place.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = Path(broadcast_object(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root) if is_main else None))
     if deepspeed_engine is not None:
         deepspeed_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    if sharded_writer is not None:
+        sharded_writer(tmp)
     if is_main:
         model, rest = _split_weights(task_state, model_prefix)
         save_file(model, str(tmp / "model.safetensors"))

@@ -32,7 +32,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str  # single | ddp | deepspeed
+    backend: str  # single | ddp | deepspeed | fsdp2
 
     @property
     def is_main(self) -> bool:
@@ -85,7 +85,7 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
                               is_master=False, timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         elastic = dict(store=dist.PrefixStore(f"foundation/attempt_{attempt}/", store), rank=rank, world_size=world_size)
-    if (backend == "ddp" or elastic) and not dist.is_initialized():
+    if (backend in ("ddp", "fsdp2") or elastic) and not dist.is_initialized():
         dist.init_process_group(pg_backend, device_id=dev if use_cuda else None, timeout=timeout, **elastic)
     if backend == "deepspeed":
         if not use_cuda:
