@@ -113,3 +113,44 @@ def test_quantize_cli_deploys_both_towers_of_a_declip_checkpoint(declip_run, sha
     assert row["onnx"]["agreement_sim"] >= 0.99 and row["onnx"]["top1"] >= rows["fp32"]["top1"] - 0.05
     assert rows["ort_quantize_static"]["top1"] >= rows["fp32"]["top1"] - 0.05
     assert (out / "rtn_w8a8_academic" / "text" / "model.onnx").is_file()
+
+
+def test_multihead_attention_projections_are_split_out_and_quantized(tmp_path, monkeypatch):
+    """nn.MultiheadAttention (open_clip's towers) applies its projections functionally; PTQ swaps it for an
+    equal module with called Linear projections, so they are quantized, and a saved model reloads the same."""
+    from foundation.quant.attention import LinearAttention, split_attention
+    from foundation.quant.modules import QuantLinear
+    from foundation.quant.runner import load_quantized, save_quantized
+
+    class Block(torch.nn.Module):
+        def __init__(self, batch_first: bool):
+            super().__init__()
+            self.batch_first = batch_first
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first)
+            self.head = torch.nn.Linear(16, 4)
+            self.register_buffer("mask", torch.full((6, 6), float("-inf")).triu(1))
+
+        def forward(self, x):
+            y = x if self.batch_first else x.transpose(0, 1)
+            y = self.attn(y, y, y, need_weights=False, attn_mask=self.mask)[0]
+            return self.head((y if self.batch_first else y.transpose(0, 1)).mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 16)
+    for batch_first in (True, False):
+        model = Block(batch_first).eval()
+        ref = model(x)
+        assert split_attention(model, x) == ["attn"] and isinstance(model.attn, LinearAttention)
+        assert torch.allclose(model(x), ref, atol=1e-6)
+
+    model = Block(True).eval()
+    qmodel, _, report = quantize(model, x, load_quant_config(None, {**W8A8, "calib_images": 8}))
+    assert report["linear_attention"] == ["attn"]
+    assert isinstance(qmodel.attn.in_proj, QuantLinear) and isinstance(qmodel.attn.out_proj, QuantLinear)
+    import foundation.quant.config as qconfig
+    import foundation.quant.runner as runner
+
+    monkeypatch.setattr(qconfig, "check_arch", lambda arch, root: arch)  # a test module, not a registered model
+    monkeypatch.setattr(runner, "build_architecture", lambda arch: Block(True))
+    again = load_quantized(save_quantized(qmodel, tmp_path / "q", {"source": "test"}))
+    assert torch.equal(again(x), qmodel(x))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from foundation.quant.attention import replace_attention, split_attention
 from foundation.quant.calibrate import calibrate, model_device
 from foundation.quant.config import QuantConfig
 from foundation.quant.fake_quant import QSpec
@@ -43,7 +44,8 @@ def prepare(model: nn.Module, example: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
     Suppression is on), so the FP reference computes exactly what the quantized model approximates.
     """
     fp = copy.deepcopy(model).eval()
-    report: dict = {"folded_bn": fold_batchnorm(fp, example)}
+    report: dict = {"linear_attention": split_attention(fp, example)}  # nn.MultiheadAttention's projections as Linear
+    report["folded_bn"] = fold_batchnorm(fp, example)
     if cfg.outlier.enabled and cfg.outlier.gamma_migration:
         report["gamma_migration"] = migrate_gamma(fp, example)
     qmodel = copy.deepcopy(fp)
@@ -51,7 +53,7 @@ def prepare(model: nn.Module, example: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
     sites = plan_placement(qmodel, example, cfg.wbits, cfg.abits, cfg.first_last_bits)
     apply_placement(qmodel, sites, wspec, aspec, cfg.observers.weight, cfg.observers.act, _observer_opts(cfg))
     qmodel.quant_sites = sites
-    qmodel.quant_meta = {"folded_bn": report["folded_bn"], "wspec": wspec.to_dict(), "aspec": aspec.to_dict(),
+    qmodel.quant_meta = {"linear_attention": report["linear_attention"], "folded_bn": report["folded_bn"], "wspec": wspec.to_dict(), "aspec": aspec.to_dict(),
                          "config": cfg.model_dump(mode="json"),
                          "scaled_shortcuts": report.get("gamma_migration", {}).get("scaled_shortcuts", [])}
     return qmodel, fp, report
@@ -158,6 +160,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     from foundation.quant.config import check_arch
 
     model = build_architecture(check_arch(meta["arch"], path)).eval()  # the artefact gate first
+    replace_attention(model, meta.get("linear_attention", []))
     for conv_name, bn_name in meta["folded_bn"]:
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
@@ -174,7 +177,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
         scale_shortcut(model.get_submodule(name), state[f"{name}.shortcut_scale"])
     model.load_state_dict(state, strict=True)
     model.quant_sites = sites
-    model.quant_meta = {k: meta.get(k, []) for k in ("folded_bn", "wspec", "aspec", "config", "scaled_shortcuts")}
+    model.quant_meta = {k: meta.get(k, []) for k in ("linear_attention", "folded_bn", "wspec", "aspec", "config", "scaled_shortcuts")}
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
