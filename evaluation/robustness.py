@@ -663,15 +663,10 @@ def _evaluate_checkpoint(setup: EvalSetup, args: argparse.Namespace, attacks: li
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``foundation eval robustness``: evaluate, then write JSON + report + plots (+ W&B with --wandb)."""
+    """``foundation eval robustness`` on a classifier: evaluate, then write JSON + report + plots (+ W&B with
+    --wandb). foundation/cli.py hands a UniHCP checkpoint to evaluation/unihcp_robustness.py, which builds on
+    this module."""
     from evaluation.report import write_robustness_report
-    from foundation.models.unihcp_export import is_unihcp_checkpoint
-
-    if is_unihcp_checkpoint(args.checkpoint):  # a UniHCP task (--task), scored with its own metric
-        from evaluation.unihcp_robustness import run_robustness_cli
-
-        return run_robustness_cli(args)
-
     try:
         corruptions = resolve_corruptions(args.corruptions)
     except ValueError as e:

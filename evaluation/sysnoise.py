@@ -546,15 +546,10 @@ def _int8_model(path: str | None, device) -> dict[str, nn.Module] | None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``foundation eval sysnoise``: evaluate, then write JSON + report + plot (+ W&B with --wandb)."""
+    """``foundation eval sysnoise`` on a classifier: evaluate, then write JSON + report + plot (+ W&B with
+    --wandb). foundation/cli.py hands a UniHCP checkpoint to evaluation/unihcp_robustness.py, which builds on
+    this module."""
     from evaluation.report import write_sysnoise_report
-    from foundation.models.unihcp_export import is_unihcp_checkpoint
-
-    if is_unihcp_checkpoint(args.checkpoint):  # a UniHCP task (--task), scored with its own metric
-        from evaluation.unihcp_robustness import run_sysnoise_cli
-
-        return run_sysnoise_cli(args)
-
     opened = open_cli_run(args, "sysnoise")
     if opened is None:
         return 2

@@ -130,6 +130,19 @@ def cmd_eval_unihcp(args: argparse.Namespace) -> int:
     return _run_eval(args, EVALS[args.eval_command])
 
 
+def cmd_eval_deployment(args: argparse.Namespace) -> int:
+    """``foundation eval robustness | sysnoise``: a UniHCP checkpoint's task (--task) is scored with its own metric
+    (evaluation/unihcp_robustness.py, which builds on the classifier modules), any other checkpoint as a classifier."""
+    from evaluation import robustness, sysnoise, unihcp_robustness
+    from foundation.models.unihcp_export import is_unihcp_checkpoint
+
+    if args.eval_command == "robustness":
+        run = unihcp_robustness.run_robustness_cli if is_unihcp_checkpoint(args.checkpoint) else robustness.run_cli
+    else:
+        run = unihcp_robustness.run_sysnoise_cli if is_unihcp_checkpoint(args.checkpoint) else sysnoise.run_cli
+    return run(args)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from foundation.predict import PredictError, run_predict
 
@@ -240,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     robustness.add_cli(esub)
     sysnoise.add_cli(esub)
+    for name in ("robustness", "sysnoise"):
+        esub.choices[name].set_defaults(func=cmd_eval_deployment)
     quant_cli.add_cli(sub)
     from foundation.adapt.cli import add_cli as add_adapt_cli
 
