@@ -22,7 +22,7 @@ import numpy as np
 
 from foundation.data import DataError
 from foundation.data.humans import json_entry
-from foundation.data.sources.base import BuildOptions, Plan, Skip, image_entry, sanitize_key
+from foundation.data.sources.base import BuildOptions, Plan, read_image, sanitize_key
 from foundation.data.sources.table import IMAGE_COLUMNS
 
 PA100K_SPLITS = ("train", "val", "test")
@@ -132,11 +132,5 @@ def table(src: Path, opts: BuildOptions) -> Plan:
 
 
 def encode(task: dict) -> dict:
-    if "error" in task:
-        raise Skip(task["error"])
-    try:
-        data = Path(task["path"]).read_bytes()
-    except OSError as e:
-        raise Skip(f"{task['where']}: missing image {task['path']} ({e.strerror})") from None
-    ext, data = image_entry(data, task["path"])
+    ext, data = read_image(task)
     return {ext: data, "json": json_entry({"attributes": task["attributes"]})}

@@ -97,6 +97,21 @@ def image_entry(data: bytes, name: str = "") -> tuple[str, bytes]:
         raise Skip(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
 
 
+def read_image(task: dict, path_key: str = "path") -> tuple[str, bytes]:
+    """A planned task's image as a shard entry (extension, bytes), for a converter's ``encode``. A task its plan
+    marked with an ``error``, or whose image is missing or unreadable, raises ``Skip`` naming where it came from
+    (``task["where"]`` when the plan gives one)."""
+    if "error" in task:
+        raise Skip(task["error"])
+    path = task[path_key]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise Skip(f"{task['where']}: missing image {path} ({e.strerror})" if "where" in task
+                   else f"{path}: missing image ({e.strerror})") from None
+    return image_entry(data, path)
+
+
 def read_captions(path: Path) -> bytes:
     """Caption file bytes (one caption per line, blank lines dropped); ``Skip`` when missing or empty."""
     try:

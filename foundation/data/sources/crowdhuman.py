@@ -17,7 +17,7 @@ from pathlib import Path
 
 from foundation.data import DataError
 from foundation.data.humans import json_entry
-from foundation.data.sources.base import BuildOptions, Plan, Skip, image_entry, sanitize_key
+from foundation.data.sources.base import BuildOptions, Plan, Skip, read_image, sanitize_key
 
 
 def _split_of(path: Path, default: str) -> str:
@@ -78,12 +78,6 @@ def labels_of(gtboxes: list, where: str) -> dict:
 
 
 def encode(task: dict) -> dict:
-    if "error" in task:
-        raise Skip(task["error"])
+    ext, data = read_image(task)
     labels = labels_of(task["gtboxes"], f"{task['where']} ({task['id']})")
-    try:
-        data = Path(task["path"]).read_bytes()
-    except OSError as e:
-        raise Skip(f"{task['where']}: missing image {task['path']} ({e.strerror})") from None
-    ext, data = image_entry(data, task["path"])
     return {ext: data, "json": json_entry({**labels, "id": task["id"]})}

@@ -23,7 +23,7 @@ from PIL import Image
 
 from foundation.data import DataError
 from foundation.data.humans import IGNORE_LABEL, LIP_CLASSES, SEG_KEY, png_entry
-from foundation.data.sources.base import IMAGE_SUFFIXES, BuildOptions, Plan, Skip, image_entry, sanitize_key
+from foundation.data.sources.base import IMAGE_SUFFIXES, BuildOptions, Plan, Skip, read_image, sanitize_key
 
 CIHP_SPLITS = {"train": "Training", "val": "Validation", "test": "Testing"}
 PLAIN_LABELS = ("labels", "segmentations", "annotations", "Category_ids")
@@ -82,13 +82,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
 
 
 def encode(task: dict) -> dict:
-    if "error" in task:
-        raise Skip(task["error"])
-    try:
-        data = Path(task["image"]).read_bytes()
-    except OSError as e:
-        raise Skip(f"{task['image']}: missing image ({e.strerror})") from None
-    ext, data = image_entry(data, task["image"])
+    ext, data = read_image(task, "image")
     with Image.open(io.BytesIO(data)) as img:
         size = img.size
     path = task["label_map"]

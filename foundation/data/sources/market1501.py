@@ -17,7 +17,7 @@ from pathlib import Path
 
 from foundation.data import DataError
 from foundation.data.humans import json_entry
-from foundation.data.sources.base import IMAGE_SUFFIXES, BuildOptions, Plan, Skip, image_entry, sanitize_key
+from foundation.data.sources.base import IMAGE_SUFFIXES, BuildOptions, Plan, read_image, sanitize_key
 
 FOLDERS = {"bounding_box_train": "train", "query": "query", "bounding_box_test": "gallery"}
 NAME = re.compile(r"^(-1|\d+)_c(\d+)(?:s(\d+))?_?f?(\d+)?")
@@ -62,12 +62,6 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
 
 
 def encode(task: dict) -> dict:
-    if "error" in task:
-        raise Skip(task["error"])
-    try:
-        data = Path(task["path"]).read_bytes()
-    except OSError as e:
-        raise Skip(f"{task['path']}: unreadable ({e.strerror})") from None
-    ext, data = image_entry(data, task["path"])
+    ext, data = read_image(task)
     return {ext: data, "json": json_entry({"pid": task["pid"], "camid": task["camid"], "split": task["split"],
                                            "source": Path(task["path"]).name})}

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from foundation.data import DataError
-from foundation.data.sources.base import BuildOptions, Plan, Skip, image_entry, sanitize_key
+from foundation.data.sources.base import BuildOptions, Plan, Skip, read_image, sanitize_key
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename", "img")
 CAPTION_COLUMNS = ("caption", "captions", "text", "title")
@@ -117,15 +117,9 @@ def _label(value, index: dict[str, int]) -> int | None:
 
 
 def encode(task: dict) -> dict:
-    if "error" in task:
-        raise Skip(task["error"])
-    if "captions" in task and not task["captions"]:
+    if "captions" in task and not task["captions"] and "error" not in task:
         raise Skip(f"{task['path']}: empty caption")
-    try:
-        data = Path(task["path"]).read_bytes()
-    except OSError as e:
-        raise Skip(f"{task['path']}: missing image ({e.strerror})") from None
-    ext, data = image_entry(data, task["path"])
+    ext, data = read_image(task)
     entries = {ext: data}
     if "captions" in task:
         entries["txt"] = "\n".join(task["captions"]).encode()
