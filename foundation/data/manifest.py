@@ -14,7 +14,6 @@ or several of these joined with ``::`` (one source each, mixed by ``DataConfig.w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -27,6 +26,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from foundation.data import DataError
+from foundation.trust import sha256_of
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "foundation-shards/1"
@@ -159,7 +159,7 @@ def write_parts(samples: Iterable[dict], path_for: Callable[[int], Path], *, max
     def close() -> None:
         writer.close()
         part = parts[-1]
-        part.update(samples=count, bytes=part["path"].stat().st_size, sha256=_sha256(part["path"]))
+        part.update(samples=count, bytes=part["path"].stat().st_size, sha256=sha256_of([part["path"]]))
 
     for sample in samples:
         if writer is None or count >= max_count or size >= max_bytes:
@@ -224,14 +224,6 @@ def write_manifest(out_dir: str | Path, manifest: dict | None, splits: dict[str,
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(path)
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_members(url: str) -> tuple[int, Counter]:

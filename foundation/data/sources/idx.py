@@ -10,7 +10,6 @@ sha256 before reading it, and builds them with class names.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import logging
 import os
@@ -23,6 +22,7 @@ from PIL import Image
 
 from foundation.data import DataError
 from foundation.data.sources.base import BuildOptions, Plan, run_plan
+from foundation.trust import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,6 @@ def encode(task: dict) -> dict:
     return {"png": buf.getvalue()}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_fashion_mnist_file(path: Path, name: str | None = None) -> str:
     """Check ``path`` (the Fashion-MNIST file ``name``, default its own name) against the published sha256:
     returns which copy it is ("canonical", "debian" or "idx"); raises DataError naming the file, the
@@ -147,7 +139,7 @@ def verify_fashion_mnist_file(path: Path, name: str | None = None) -> str:
     name = name or path.name
     known = ({"canonical": FASHION_MNIST_SHA256[name], "debian": FASHION_MNIST_DEBIAN_SHA256[name]}
              if name.endswith(".gz") else {"idx": FASHION_MNIST_IDX_SHA256[name]})
-    actual = sha256_of(path)
+    actual = sha256_of([path])
     for which, digest in known.items():
         if actual == digest:
             return which
