@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -205,11 +206,16 @@ def test_ema_weights_are_kept_evaluated_and_resumed(digits_shards, tmp_path):
     assert ema.keys() == live.keys() and not torch.equal(ema["fc.weight"], live["fc.weight"])
     model, _ = load_model(ckpt, ema=True)
     assert torch.equal(model.state_dict()["fc.weight"], ema["fc.weight"])
+    # resumed: without step_6, the run restarts from step_3 (its EMA too) and ends on the same EMA, bit for bit
+    shutil.rmtree(ckpt)
+    train(recipe)
+    assert find_latest(recipe.run_dir / "checkpoints").name == "step_6"
+    resumed = load_file(str(ckpt / "ema.safetensors"))
+    assert resumed.keys() == ema.keys() and all(torch.equal(resumed[k], ema[k]) for k in ema)
 
 
 def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path):
     import io
-    import shutil
 
     import webdataset as wds
     from PIL import Image
