@@ -17,13 +17,12 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from foundation.adapt.backbone import FEATURES
 from foundation.adapt.report import write_table
 from foundation.adapt.run import AdaptOptions, Adaptation
-from foundation.config import RecipeError, format_errors
+from foundation.config import RecipeError, format_errors, read_yaml
 from foundation.data import DataError
 
 log = logging.getLogger(__name__)
@@ -82,12 +81,9 @@ class Suite(_Strict):
 
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
+    raw = read_yaml(path, "adaptation suite")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: unreadable suite file ({e})") from None
-    try:
-        suite = Suite.model_validate(raw or {})
+        suite = Suite.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(format_errors(e, str(path), Suite, "adaptation suite")) from None
     bad = [f for f in suite.fractions if not 0 < f <= 1]

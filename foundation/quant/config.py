@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from foundation.config import RecipeError, format_errors, suggest
+from foundation.config import RecipeError, format_errors, read_yaml, suggest
 from foundation.quant.fake_quant import QSpec
 
 ObserverName = Literal["minmax", "ema_minmax", "mse", "percentile"]
@@ -161,15 +160,7 @@ def load_quant_config(path: str | Path | None = None, overrides: dict[str, Any] 
     source = "quantization options"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: quantization recipe not found (see recipes/quant/)") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise RecipeError(f"{path}: a quantization recipe is a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_yaml(Path(path), "quantization recipe")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
