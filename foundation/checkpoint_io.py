@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,9 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
 def safe_torch_load(file: Path) -> Any:
     """``torch.load`` of plain tensors and containers only (``weights_only=True``); refuses pickled code."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{file}: refused: loading it would execute pickled code ({str(e).splitlines()[0]}). "
@@ -118,11 +121,14 @@ def read_state_dict(file: Path) -> dict[str, Tensor]:
 
 
 def read_raw_recipe(step: Path) -> dict:
-    """A checkpoint's ``recipe.yaml`` as plain data ({} when there is none), through the artefact gate."""
-    from foundation.trust import read_artefact_yaml
+    """A checkpoint's ``recipe.yaml`` as plain data ({} when there is none), through the artefact gate
+    (``read_artefact_yaml``: no ``base:`` include; ``check_recipe``: local model names, allowed kwargs), even
+    where only its task layout is read (``model.init`` from a run): a crafted run is refused the same way by
+    every command that reads it."""
+    from foundation.trust import check_recipe, read_artefact_yaml
 
     file = Path(step) / "recipe.yaml"
-    return read_artefact_yaml(file) if file.is_file() else {}
+    return check_recipe(read_artefact_yaml(file), Path(step), str(file)) if file.is_file() else {}
 
 
 def platform_tensors(step: Path, part: str) -> dict[str, Tensor]:

@@ -176,6 +176,24 @@ def test_checkpoint_recipe_model_section_is_gated(tmp_path):
             check_recipe({"model": model}, tmp_path, "r")
 
 
+def test_a_model_init_source_run_passes_the_gate_too(tmp_path):
+    """model.init from a run reads only the source's task layout and weights, but its recipe is gated all the
+    same: a crafted source run is refused as every other command refuses it."""
+    from safetensors.torch import save_file
+    import torch
+
+    from foundation.checkpoint_io import source_tensors
+
+    step = tmp_path / "step_1"
+    step.mkdir()
+    save_file({"w": torch.zeros(1)}, str(step / "model.safetensors"))
+    (step / "recipe.yaml").write_text("model: {backbone: resnet10t}\ntask: {name: classification}\n")
+    assert set(source_tensors(step, "all")) == {"model.w"}
+    (step / "recipe.yaml").write_text("model: {backbone: 'hf-hub:timm/resnet18.a1_in1k'}\n")
+    with pytest.raises(ArtefactRefused, match="model.backbone"):
+        source_tensors(step, "all")
+
+
 def test_timm_export_config_is_gated(tmp_path):
     good = {"architecture": "resnet10t", "num_classes": 0, "in_chans": 1, "kwargs": {"stem_width": 16},
             "pretrained_cfg": {"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5], "interpolation": "bilinear",
