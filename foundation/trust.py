@@ -61,8 +61,8 @@ OPEN_CLIP_VISION = frozenset({"layers", "width", "head_width", "mlp_ratio", "pat
                               "patch_dropout", "attentional_pool", "attn_pooler_queries", "attn_pooler_heads",
                               "no_ln_pre", "pos_embed_type", "final_ln_after_pool", "pool_type", "output_tokens",
                               "act_kwargs", "norm_kwargs", "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads",
-                              "scale_attn_inner", "scale_attn", "scale_fc", "timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
-                              "timm_drop", "timm_drop_path"})
+                              "scale_attn_inner", "scale_attn", "scale_fc", "timm_model_name", "timm_model_pretrained",
+                              "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"})
 OPEN_CLIP_TEXT = frozenset({"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "ls_init_value",
                             "embed_cls", "pad_id", "no_causal_mask", "final_ln_after_pool", "pool_type", "proj_bias",
                             "proj_type", "output_tokens", "act_kwargs", "norm_kwargs", "eos_id", "block_type",
