@@ -239,8 +239,22 @@ class _Adversarial:
 
     def __iter__(self):
         samples, task, model, cfg, attack, eps, steps, seed = self.args
+        dev = next(model.parameters()).device
         for i, batch in enumerate(samples):
-            yield {**batch, "image": attack_batch(task, model, batch, cfg, attack, eps, steps, seed=seed + i)}
+            on_dev = {"image": batch["image"].to(dev), "targets": _to(batch["targets"], dev)}
+            adv = attack_batch(task, model, on_dev, cfg, attack, eps, steps, seed=seed + i)
+            yield {**batch, "image": adv.cpu()}  # the evaluations read the targets on the CPU
+
+
+def _to(obj, device):
+    """Tensors (in dicts and lists) on ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,12 +266,13 @@ def evaluate_unihcp_robustness(checkpoint, spec: str, task: str | None = None, *
                                attacks: Sequence[str] = ("fgsm", "pgd"), eps: Sequence[float] = (1 / 255, 4 / 255),
                                pgd_steps: int = 10, batch_size: int = 16, max_samples: int | None = None,
                                adv_max_samples: int | None = None, seed: int = 0, device="cpu",
-                               log: Callable[[str], None] = lambda s: None) -> dict:
-    """Clean, per-corruption × severity and adversarial metrics of one UniHCP task (JSON-able)."""
+                               log: Callable[[str], None] = lambda s: None, network: tuple | None = None) -> dict:
+    """Clean, per-corruption × severity and adversarial metrics of one UniHCP task (JSON-able); ``network``: a
+    ``task_network`` result already loaded."""
     from evaluation.corruptions import corrupt
 
     t0 = time.perf_counter()
-    name, t, cfg, deploy, model = task_network(checkpoint, task, device)
+    name, t, cfg, deploy, model = network or task_network(checkpoint, task, device)
     kind = t.kind
     samples = HumanSamples(spec, cfg, batch_size, split, max_samples)
     clean = score(model, kind, samples, device)
@@ -296,13 +311,13 @@ def evaluate_unihcp_sysnoise(checkpoint, spec: str, task: str | None = None, *, 
                              axes: Sequence[str] = ("decoder", "resize", "colour", "precision"),
                              jpeg_quality: int = 90, batch_size: int = 16, max_samples: int | None = None,
                              device="cpu", extra_models: dict | None = None,
-                             log: Callable[[str], None] = lambda s: None) -> dict:
+                             log: Callable[[str], None] = lambda s: None, network: tuple | None = None) -> dict:
     """The task's metric under each deployment variant, against its axis's reference (JSON-able)."""
     from evaluation.sysnoise import (COLOURS, NotApplicable, Unavailable, convert_colour, decode, resize_name,
                                      resize_variants)
 
     t0 = time.perf_counter()
-    name, t, cfg, deploy, model = task_network(checkpoint, task, device)
+    name, t, cfg, deploy, model = network or task_network(checkpoint, task, device)
     kind = t.kind
     primary = PRIMARY[kind]
     samples = HumanSamples(spec, cfg, batch_size, split, max_samples)
@@ -415,7 +430,8 @@ def run_robustness_cli(args) -> int:
         return 2
     device = str(resolve_device(args.device))
     try:
-        name, t, cfg, _, _ = task_network(args.checkpoint, args.task, "cpu", data=args.data)
+        network = task_network(args.checkpoint, args.task, device, data=args.data)
+        name, t, cfg, _, _ = network
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -428,7 +444,7 @@ def run_robustness_cli(args) -> int:
         args.checkpoint, spec, name, split=args.split, corruptions=corruptions, severities=args.severities,
         attacks=attacks, eps=args.eps or [], pgd_steps=args.pgd_steps, batch_size=min(args.batch_size, 64),
         max_samples=args.max_samples, adv_max_samples=args.adv_max_samples, seed=args.seed, device=device,
-        log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
+        log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)), network=network)
     out = _out_dir(args, args.checkpoint, "robustness", name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(res, indent=2, default=float))
@@ -444,7 +460,8 @@ def run_sysnoise_cli(args) -> int:
 
     device = str(resolve_device(args.device))
     try:
-        name, _, cfg, _, _ = task_network(args.checkpoint, args.task, "cpu", data=args.data)
+        network = task_network(args.checkpoint, args.task, device, data=args.data)
+        name, _, cfg, _, _ = network
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -457,7 +474,8 @@ def run_sysnoise_cli(args) -> int:
     res = evaluate_unihcp_sysnoise(args.checkpoint, spec, name, split=args.split, axes=axes,
                                    jpeg_quality=getattr(args, "jpeg_quality", 90) or 90,
                                    batch_size=min(args.batch_size, 64), max_samples=args.max_samples, device=device,
-                                   log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
+                                   log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)),
+                                   network=network)
     out = _out_dir(args, args.checkpoint, "sysnoise", name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sysnoise.json").write_text(json.dumps(res, indent=2, default=float))
