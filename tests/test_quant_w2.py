@@ -4,8 +4,10 @@ good as layer-wise AdaRound, and both far above round-to-nearest, with a CPU-siz
 What this guards: the papers' learning rates (rounding 1e-3, LSQ steps 4e-5) are set for 20,000
 iterations. Used unchanged with a few hundred, the rounding variables hardly move, the rounding is still
 undecided when it is made hard (h ≈ the fractional part, so hard rounding = round to nearest), and
-AdaRound/BRECQ land near or below RTN with BRECQ below AdaRound. The rates are therefore scaled by
-``lr_reference_iters / iters`` (docs/quantization.md has the measurements)."""
+AdaRound/BRECQ land near or below RTN with BRECQ below AdaRound. The rounding rate is therefore scaled by
+``lr_reference_iters / iters`` (docs/quantization.md has the measurements) — and only the rounding rate: the
+LSQ activation step sizes keep their absolute rate (scaled with it, BRECQ walked the 3-bit activation steps
+away from calibration and fell 12 points below AdaRound at W3A3 on a ResNet-18)."""
 
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ def digits():
     return model.eval(), x[:128], x[1400:], y[1400:]
 
 
-def w2a4(model, calib, method: str, **reconstruction) -> tuple[torch.nn.Module, dict]:
-    cfg = QuantConfig(method=method, wbits=2, abits=4, calib_images=calib.shape[0], batch_size=64,
+def w2a4(model, calib, method: str, wbits: int = 2, abits: int = 4, **reconstruction) -> tuple[torch.nn.Module, dict]:
+    cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calib_images=calib.shape[0], batch_size=64,
                       reconstruction={"iters": ITERS, **reconstruction})
     qmodel, _, report = quantize(model, calib, cfg)
     return qmodel, report
@@ -82,3 +84,42 @@ def test_brecq_at_least_adaround_at_w2a4(digits):
     for report in (rep_ada, rep_brecq):
         undecided = [u["undecided_rounding"] for u in report["method"]["units"]]
         assert sum(undecided) / len(undecided) < 0.3, undecided
+
+
+def test_activation_step_sizes_keep_the_absolute_learning_rate(digits):
+    """Only the rounding rate is scaled to the iteration budget. Adam moves a parameter by at most about its
+    rate per step, so after ``iters`` steps at ``a_lr`` no activation step size is more than ``iters * a_lr``
+    from its calibrated value (scaled 100x, as before the fix, they moved up to 100x further)."""
+    from foundation.quant import METHODS
+    from foundation.quant.calibrate import calibrate
+    from foundation.quant.modules import quantizers
+    from foundation.quant.runner import prepare
+
+    model, calib, _, _ = digits
+    iters = 12
+    cfg = QuantConfig(method="brecq", wbits=3, abits=3, calib_images=64, batch_size=64,
+                      reconstruction={"iters": iters, "batch_size": 32})
+    assert lr_scale(cfg.reconstruction) == 100.0  # the rounding's rate is scaled...
+    qmodel, fp, _ = prepare(model, calib[:2], cfg)
+    calibrate(qmodel, calib[:64], 64)
+    acts = {n: q for n, q in quantizers(qmodel) if q.role == "act" and q.enabled and q.ready}
+    before = {n: q.scale.detach().clone() for n, q in acts.items()}
+    METHODS["brecq"](qmodel, fp, calib[:64], cfg)
+    moved = {n: (q.scale.detach() - before[n]).abs().max().item() for n, q in acts.items()}
+    assert max(moved.values()) > 0  # the step sizes were learned...
+    bound = 1.05 * iters * cfg.reconstruction.a_lr  # ...at the absolute rate
+    assert max(moved.values()) <= bound, {n: m for n, m in moved.items() if m > bound}
+
+
+@pytest.mark.slow
+def test_brecq_close_to_adaround_at_w3a3(digits):
+    """W3A3 (first/last layer 8 bit) at the CPU budget: BRECQ within 2 points of AdaRound (or above), both far
+    above RTN. Measured on this model at 100 iterations: FP 96.98, RTN 46.85, AdaRound 88.16, BRECQ 91.18,
+    QDrop 93.45 (~6 s per method)."""
+    model, calib, x, y = digits
+    rtn = top1(w2a4(model, calib, "rtn", 3, 3)[0], x, y)
+    ada = top1(w2a4(model, calib, "adaround", 3, 3)[0], x, y)
+    brecq = top1(w2a4(model, calib, "brecq", 3, 3)[0], x, y)
+    print(f"W3A3 top-1: RTN {rtn:.2f}, AdaRound {ada:.2f}, BRECQ {brecq:.2f}")
+    assert rtn < 60.0 and ada >= rtn + 30.0, (rtn, ada)
+    assert brecq >= ada - 2.0, (ada, brecq)
