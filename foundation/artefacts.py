@@ -37,15 +37,31 @@ def _serving_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def _build(recipe: Recipe, path: Path):
+    """``build_task(recipe)`` for a recipe read from a checkpoint: sizes the gate lets through but the model
+    cannot take (a negative width, heads that do not divide) are the artefact's fault, one error line."""
+    from foundation.data import DataError
+    from foundation.tasks import build_task
+
+    try:
+        return build_task(recipe)
+    except (RecipeError, DataError, CheckpointError):
+        raise
+    except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, IndexError, ArithmeticError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path / 'recipe.yaml'}: its model does not build ({type(e).__name__}: {why}); "
+                              "the checkpoint is damaged or was not written by this platform") from None
+
+
 def load_task(checkpoint: str | Path, ema: bool = False):
     """The whole task module of a checkpoint (every head of a multi-task run) with its weights, the
     checkpoint directory and the recipe."""
-    from foundation.tasks import build_task, network
+    from foundation.tasks import network
 
     path = resolve_checkpoint(checkpoint)
     recipe = load_artefact_recipe(path)
     serving = _serving_recipe(recipe)
-    task = build_task(serving)
+    task = _build(serving, path)
     if serving is recipe:
         load_task_weights(task, path)
     else:  # the student alone: model.safetensors (task.safetensors holds the training-only projection)

@@ -151,6 +151,10 @@ def generalist_outside_experts(r, ckpt):
     r["model"]["kwargs"] = {"base": "vit_tiny_patch16_224", "experts": ["../../../outside-expert"]}
 
 
+def impossible_size(r, ckpt):
+    r["model"]["kwargs"]["stem_width"] = -4  # plain data the gate lets through; the model cannot take it
+
+
 def pipe_data(r, ckpt):
     r["data"]["val"] = f"pipe:touch {ckpt / MARKER}; cat /dev/null"
 
@@ -472,9 +476,13 @@ FAST_CASES = {
                                          "model.backbone"),
     "eval-classification/timm-checkpoint_path": (file_kwarg, ["eval", "classification", "--data", DATA],
                                                  "checkpoint_path"),
+    "eval-classification/impossible-size": (impossible_size, ["eval", "classification", "--data", DATA],
+                                            "does not build"),
     "eval-retrieval/hf-text-tower-id": (hf_text_tower, ["eval", "retrieval", "--data", DATA], "hf_model"),
     "export/generalist-hub-base": (generalist_hub_base, ["export", "--format", "timm", "--out", "{out}"],
                                    "kwargs.base"),
+    "predict/impossible-size": (impossible_size, ["predict", "--image", "{image}", "--out", "{out}"],
+                                "does not build"),
     "predict/base-include": (base_include, ["predict", "--image", "{image}", "--out", "{out}"], "includes no other file"),
     "quantize/timm-pretrained_cfg_overlay": (overlay_kwarg, ["quantize", "--data", DATA, "--method", "rtn",
                                                              "--out", "{out}"], "pretrained_cfg_overlay"),
