@@ -1,4 +1,4 @@
-"""The ``foundation`` command: recipes | train | data | eval | predict | export | quantize | report.
+"""The ``foundation`` command: recipes | train | data | eval | predict | export | quantize | report | sweep.
 
 Errors the user can fix (a bad recipe, a missing shard, a refused checkpoint) print one clear message
 and exit with code 2; anything else is a bug and shows its traceback.
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_adapt_cli(sub)
     readiness.add_cli(sub)
+    from foundation.sweep import add_cli as add_sweep_cli
+
+    add_sweep_cli(sub)
     return parser
 
 
