@@ -5,6 +5,8 @@
       <name>.json                   model config: open_clip.add_model_config("<out>/<name>.json")
       open_clip_model.safetensors   weights:      open_clip.create_model_and_transforms("<name>", pretrained=...)
       open_clip_config.json         model config + preprocessing (our mean/std/size), for "local-dir:<out>"
+      hf_text_model/                a Hugging Face text tower's config and tokenizer files (no weights), named
+                                    relative to <out> in open_clip_config.json: the export stands alone
 
 - ``timm``: the vision tower alone (a dual encoder's, or a classifier) as timm weights plus a
   ``config.json`` with the arguments for ``timm.create_model(..., checkpoint_path=<out>/model.safetensors)``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,34 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+_NOT_BUNDLED = (  # weights (the export holds them) and code
+    ".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".py")
+
+
+def _bundle_hf_dirs(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A Hugging Face text tower's directories (config and tokenizer files; no weights, which the export's
+    safetensors hold, and no code) copied into the export. ``config`` (``<name>.json``, for open_clip on this
+    machine) names the copies by absolute path; the returned config (``open_clip_config.json``) names them
+    relative to the export, so a moved export still rebuilds, and the artefact gate reads such a directory
+    only inside the export (docs/trust.md)."""
+    text = config.get("text_cfg") or {}
+    portable_text, copies = dict(text), {}
+    for key, folder in (("hf_model_name", "hf_text_model"), ("hf_tokenizer_name", "hf_tokenizer")):
+        if not text.get(key) or not Path(text[key]).is_dir():
+            continue
+        src = Path(text[key]).resolve()
+        if src not in copies:
+            dst = out / folder
+            dst.mkdir(exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and not f.name.endswith(_NOT_BUNDLED):
+                    shutil.copyfile(f, dst / f.name)
+            copies[src] = folder
+        text[key] = str((out / copies[src]).resolve())
+        portable_text[key] = copies[src]
+    return {**config, "text_cfg": portable_text} if text else config
+
+
 def export_open_clip(model: nn.Module, recipe: Recipe, out: Path, name: str | None = None) -> dict[str, Any]:
     from foundation.models.dual_encoder import DualEncoder
     from foundation.models.open_clip_convert import to_open_clip
@@ -56,8 +87,9 @@ def export_open_clip(model: nn.Module, recipe: Recipe, out: Path, name: str | No
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "open_clip_model.safetensors"
     save_file(state, str(weights))
+    portable = _bundle_hf_dirs(config, out)
     _write_json(out / f"{name}.json", config)
-    _write_json(out / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": _preprocess_cfg(recipe)})
+    _write_json(out / "open_clip_config.json", {"model_cfg": portable, "preprocess_cfg": _preprocess_cfg(recipe)})
     return {
         "format": "open_clip", "name": name, "model_config": str(out / f"{name}.json"), "weights": str(weights),
         "open_clip_config": str(out / "open_clip_config.json"),

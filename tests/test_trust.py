@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_recipe
 
@@ -269,3 +270,30 @@ def test_a_hub_backbone_in_a_checkpoint_is_one_error_line(trained, digits_shards
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "model.backbone" in err and "hf-hub:timm/resnet18.a1_in1k" in err
+
+
+@pytest.mark.slow  # builds a BERT tower and open_clip's model (imports transformers)
+def test_an_open_clip_export_carries_its_hf_text_tower(tmp_path):
+    """An open_clip export of a Hugging Face text tower copies the tower's directory (config, tokenizer; no
+    weights) inside itself and names it relative to itself: moved, with the original directory deleted, it
+    passes the gate (directories inside the export only) and rebuilds."""
+    from test_clip import clip_recipe
+    from test_hf_text import write_tiny_bert
+
+    from foundation.adapt.backbone import load_backbone
+    from foundation.export import export_open_clip
+    from foundation.models.dual_encoder import build_dual_encoder
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    raw = clip_recipe(tmp_path / "shards", tmp_path / "runs", "hfclip", task="clip", data={"two_view": False})
+    raw["model"]["dual_encoder"]["text"] = {"hf_model": str(bert), "hf_tokenizer": str(bert), "context_length": 12}
+    recipe = validate(raw)
+    model = build_dual_encoder(recipe.model, in_chans=recipe.data.in_chans).eval()
+    export_open_clip(model, recipe, tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert saved["hf_model_name"] == saved["hf_tokenizer_name"] == "hf_text_model"
+    assert not list((tmp_path / "export" / "hf_text_model").glob("*.safetensors"))
+    moved = shutil.move(tmp_path / "export", tmp_path / "elsewhere")
+    shutil.rmtree(bert)
+    backbone = load_backbone(str(moved))
+    assert backbone.module(torch.zeros(1, 3, 32, 32)).shape[0] == 1
