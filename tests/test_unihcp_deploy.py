@@ -237,3 +237,12 @@ def test_report_has_a_row_per_unihcp_task(tmp_path):
     assert "pose: robustness" not in missing and "pose: sysnoise" in missing
     md = write_report(res, tmp_path / "report")["md"].read_text()
     assert "UniHCP tasks" in md and "brecq" in md
+
+
+def test_task_outputs_stay_in_eval_mode():
+    from foundation.models.unihcp_export import TaskOutputs
+
+    deploy = UniHCPDeploy(_net("reid"), 32)
+    wrapped = TaskOutputs(deploy, "reid", module=deploy)
+    wrapped.train()  # what an evaluation does on its way out when it found the module in training mode
+    assert not deploy.training and not deploy.bn.training

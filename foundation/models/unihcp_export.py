@@ -211,6 +211,12 @@ class TaskOutputs(nn.Module):
         self.fn, self.kind = fn, kind
         self.keypoint_flip_pairs = flip_pairs
         self.inner = module  # registered so .eval()/.to() reach it
+        self.eval()
+
+    def train(self, mode: bool = True) -> TaskOutputs:
+        """Inference only: stays in eval mode (the evaluations restore the mode they found; a ReID network's
+        BatchNorm must never see batch statistics)."""
+        return super().train(False)
 
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         outs = self.fn(images)
