@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _bench import parse_args  # benchmarks/_bench.py, next to this script
 
 # A narrow ViT-B/32 for a CPU: the same token counts (112 px / patch 16 = 7 x 7 patches; 77 text tokens)
 # and CLIP's vocabulary, at width 256 / 192 and 6 layers, so the towers' share of a step is B/32-like.
@@ -47,6 +48,8 @@ NARROW_NAME = "bench-narrow-b32"
 WORDS = "a photo of the small large red blue dog cat car tree house person on in with near".split()
 TIMER: Callable[[], float] = time.perf_counter  # main() picks process_time on a CPU
 DEVICE = "cpu"
+
+SMOKE = {"steps": 3, "warmup": 1, "batch_size": 2}  # --smoke
 
 
 def now() -> float:
@@ -79,7 +82,8 @@ def recipe_for(task: str, args: argparse.Namespace):
         "name": f"bench_{task}", "output_dir": args.out,
         "model": {"dual_encoder": {"vision_open_clip": args.model, "text": {"open_clip": args.model}}},
         "task": {"name": task},
-        "data": {"image_size": args.image_size, "in_chans": 3, "two_view": task == "declip"},
+        # data.train names the in-memory batches: the shard reader is replaced, but a recipe's task reads its own data
+        "data": {"image_size": args.image_size, "in_chans": 3, "two_view": task == "declip", "train": "memory"},
         "optim": {"lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.1, "betas": [0.9, 0.98]},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10**6, "resume": "none",
                   "evals": [], "precision": args.precision, "device": args.device, "compile": args.compile},
@@ -214,7 +218,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the model on every side")
     ap.add_argument("--no-declip", action="store_true", help="skip the DeCLIP / CLIP step-time figure")
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
     TIMER, DEVICE = (time.process_time if args.device == "cpu" else time.perf_counter), args.device
 
     import open_clip

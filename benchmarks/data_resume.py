@@ -33,16 +33,19 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from foundation.config import DataConfig  # noqa: E402
-from foundation.data.shards import (  # noqa: E402
-    POSITION_VERSION, _Reporter, _seed, _Source, build_train_loader, write_manifest, write_split,
-)
+from foundation.data.manifest import write_manifest, write_split  # noqa: E402
+from foundation.data.tars import Reporter  # noqa: E402
+from foundation.data.train_stream import POSITION_VERSION, _seed, _Source, build_train_loader  # noqa: E402
+from _bench import parse_args  # noqa: E402 (benchmarks/_bench.py)
 
 WORKERS = 2
 BATCH = 64
-SHARDS, PER_SHARD = 8, 2000
+SHARDS = 8
+
+SMOKE = {"rounds": 1, "steps": [2, 20], "per_shard": 200}  # --smoke
 
 
-def make_shards(root: Path) -> Path:
+def make_shards(root: Path, per_shard: int) -> Path:
     rng = np.random.default_rng(0)
     coarse = [rng.integers(0, 256, (5, 5, 3), dtype=np.uint8) for _ in range(64)]
 
@@ -53,8 +56,8 @@ def make_shards(root: Path) -> Path:
         Image.fromarray(img).save(buf, "JPEG", quality=90)
         return buf.getvalue()
 
-    samples = ({"__key__": f"{i:07d}", "jpg": jpeg(i), "cls": str(i % 10).encode()} for i in range(SHARDS * PER_SHARD))
-    entry = write_split(root, "train", samples, max_count=PER_SHARD)
+    samples = ({"__key__": f"{i:07d}", "jpg": jpeg(i), "cls": str(i % 10).encode()} for i in range(SHARDS * per_shard))
+    entry = write_split(root, "train", samples, max_count=per_shard)
     write_manifest(root, None, {"train": entry}, class_names=None, source={"format": "benchmark"}, command="")
     return root
 
@@ -70,7 +73,7 @@ def position_at(cfg: DataConfig, steps: int) -> dict:
     stream = build_train_loader(cfg, batch_size=BATCH, seed=0, rank=0, world_size=1)._stream
     raw, streams = [], []
     for w in range(WORKERS):
-        sources = [_Source(urls, _seed(0, 0, w, i, 1), cfg.shuffle_buffer, _Reporter())
+        sources = [_Source(urls, _seed(0, 0, w, i, 1), cfg.shuffle_buffer, Reporter())
                    for i, urls in enumerate(stream.sources)]
         n = len(range(w, steps, WORKERS)) * BATCH
         for index in range(n):
@@ -95,11 +98,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, nargs=2, default=[100, 10_000], metavar=("EARLY", "LATE"))
-    args = parser.parse_args()
+    parser.add_argument("--per-shard", type=int, default=2000, help="samples per shard (8 shards)")
+    args = parse_args(parser, SMOKE)
     torch.set_num_threads(1)
     early, late = args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(make_shards(Path(tmp)))
+        cfg = config(make_shards(Path(tmp), args.per_shard))
         real = build_train_loader(cfg, batch_size=BATCH, seed=0, rank=0, world_size=1)
         for _ in range(early):
             next(real)
@@ -122,7 +126,7 @@ def main() -> None:
         "rounds_s": {str(k): [round(x, 3) for x in v] for k, v in times.items()},
         "position_bytes": {str(k): len(json.dumps(p)) for k, p in positions.items()},
         "fast_forward_s": round(forward_s, 1), "workers": WORKERS, "batch_size": BATCH, "shuffle_buffer": 1000,
-        "shards": f"{SHARDS} x {PER_SHARD} samples, 40x40 JPEG -> 32 px",
+        "shards": f"{SHARDS} x {args.per_shard} samples, 40x40 JPEG -> 32 px",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)},
     }))

@@ -25,38 +25,17 @@ import foundation.train as train_mod
 from foundation.config import validate
 from foundation.tasks import TASKS
 from foundation.train import build_optimizer
+from _bench import MemoryLoader, parse_args  # benchmarks/_bench.py, next to this script
 
 MODELS = {
     "resnet18": {"backbone": "resnet18", "num_classes": 10},
     "vit_tiny": {"backbone": "vit_tiny_patch16_224", "num_classes": 10, "img_size": 32, "patch_size": 4},
 }
 
+SMOKE = {"steps": 4, "rounds": 1, "batch_size": 4}  # --smoke
+
 
 CLOCK = time.process_time
-
-
-class MemoryLoader:
-    """The reader's interface over tensors already in memory; records when each batch is taken."""
-
-    def __init__(self, batches: list[dict], stamps: list[float]):
-        self.batches, self.stamps = batches, stamps
-        self.skipped = 0
-
-    def __iter__(self):
-        i = 0
-        while True:
-            self.stamps.append(CLOCK())
-            yield self.batches[i % len(self.batches)]
-            i += 1
-
-    def position(self) -> dict:
-        return {}
-
-    def pop_skip_reports(self) -> list[str]:
-        return []
-
-    def epoch(self) -> None:
-        return None
 
 
 def make_batches(batch_size: int, n: int = 4) -> list[dict]:
@@ -68,7 +47,8 @@ def make_batches(batch_size: int, n: int = 4) -> list[dict]:
 def recipe_for(model: str, steps: int, batch_size: int, out: str):
     return validate({
         "name": f"bench_{model}", "output_dir": out,
-        "model": MODELS[model], "data": {"image_size": 32, "in_chans": 3},
+        # data.train names the in-memory batches: the shard reader is replaced, but a recipe's task reads its own data
+        "model": MODELS[model], "data": {"image_size": 32, "in_chans": 3, "train": "memory"},
         "optim": {"lr": 1e-3, "warmup_steps": 5}, "train": {"steps": steps, "batch_size": batch_size,
         "log_every": 10, "resume": "none", "evals": []}, "logging": {"wandb": "disabled", "progress": False},
     })
@@ -82,7 +62,7 @@ def step_time(stamps: list[float]) -> float:
 def run_engine(model: str, steps: int, batch_size: int, batches: list[dict]) -> float:
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as out:
-        train_mod.build_train_loader = lambda *a, **k: MemoryLoader(batches, stamps)
+        train_mod.build_train_loader = lambda *a, **k: MemoryLoader(batches, stamps, CLOCK)
         train_mod.train(recipe_for(model, steps, batch_size, out))
     return step_time(stamps[:steps])
 
@@ -111,7 +91,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--timer", choices=["process", "wall"], default="process")
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
     global CLOCK
     CLOCK = time.process_time if args.timer == "process" else time.perf_counter
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import parse_args  # benchmarks/_bench.py, next to this script
+
+SMOKE = {"rounds": 1, "image_size": 32, "batch_size": 64}  # --smoke
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=1, help="reader processes of the extractor")
     p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
+    args = parse_args(p, SMOKE)
 
     import timm
     from safetensors.torch import save_file
@@ -45,7 +48,8 @@ def main() -> None:
     from foundation.data.transforms import build_eval_transform, decode_image
 
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="bench_features_"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench_features_")  # removed when the process ends
+    work = Path(tmp.name)
     digits(work / "digits", BuildOptions(workers=1))
     model = timm.create_model(args.model, num_classes=0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "w.safetensors"))

@@ -39,10 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foundation.config import DataConfig  # noqa: E402
 from foundation.data.shards import build_train_loader, write_manifest, write_split  # noqa: E402
 from foundation.data.transforms import build_train_transform, decode_image  # noqa: E402
+from _bench import parse_args  # noqa: E402 (benchmarks/_bench.py)
 
 WORKERS = 2
 BATCH = 64
 SOURCES = {32: (40, 40), 224: (320, 256)}  # output size -> source image (width, height)
+
+SMOKE = {"rounds": 1, "seconds": 0.2, "images": 2 * BATCH, "sizes": [32]}  # --smoke
 
 
 def natural_jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
     parser.add_argument("--images", type=int, default=640, help="source images per size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=sorted(SOURCES))
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,36 +25,13 @@ import torch
 
 import foundation.train as train_mod
 from foundation.config import validate
+from _bench import MemoryLoader, parse_args  # benchmarks/_bench.py, next to this script
 
 MODEL = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
          "kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3}}
 CLOCK = time.process_time
 
-
-class MemoryLoader:
-    """The reader's interface over tensors in memory; records when each batch is taken."""
-
-    def __init__(self, batches: list[dict], stamps: list[float] | None):
-        self.batches, self.stamps, self.i = batches, stamps, 0
-        self.skipped = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self.stamps is not None:
-            self.stamps.append(CLOCK())
-        self.i += 1
-        return self.batches[(self.i - 1) % len(self.batches)]
-
-    def position(self) -> dict:
-        return {}
-
-    def pop_skip_reports(self) -> list[str]:
-        return []
-
-    def epoch(self) -> None:
-        return None
+SMOKE = {"steps": 4, "rounds": 1, "batch_size": 4}  # --smoke
 
 
 def make_batches(batch_size: int, seed: int, n: int = 4) -> list[dict]:
@@ -71,7 +48,8 @@ def common(steps: int, batch_size: int, out: str) -> dict:
 
 def run(recipe: dict, batches: dict[str, list[dict]], timed: str, steps: int) -> float:
     stamps: list[float] = []
-    train_mod.build_train_loader = lambda cfg, **k: MemoryLoader(batches[cfg.train], stamps if cfg.train == timed else None)
+    train_mod.build_train_loader = lambda cfg, **k: MemoryLoader(batches[cfg.train], stamps if cfg.train == timed else None,
+                                                                 CLOCK)
     train_mod.train(validate(recipe))
     gaps = [b - a for a, b in zip(stamps[:steps], stamps[1:steps])]
     return statistics.median(gaps[2:])  # the first steps warm up allocators
@@ -100,7 +78,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--timer", choices=["process", "wall"], default="process")
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
     global CLOCK
     CLOCK = time.process_time if args.timer == "process" else time.perf_counter
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

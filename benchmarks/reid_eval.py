@@ -25,6 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.human.reid import evaluate_reid, evaluate_reid_reference, pairwise_distance  # noqa: E402
+from _bench import parse_args  # noqa: E402 (benchmarks/_bench.py)
+
+SMOKE = {"queries": 50, "gallery": 200, "ids": 20, "rounds": 1}  # --smoke
 
 
 def synthetic(num_q: int, num_g: int, ids: int, dim: int, seed: int) -> tuple:
@@ -59,7 +62,7 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
 
     data = synthetic(args.queries, args.gallery, args.ids, args.dim, args.seed)
     ours_t, ref_t = [], []

@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import parse_args  # benchmarks/_bench.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SMOKE = {"steps": 1, "warmup": 1}  # --smoke
 
 
 def main() -> None:
@@ -40,14 +43,15 @@ def main() -> None:
     ap.add_argument("--data", help="synthetic-humans directory (default: data/humans, else generated in a temp dir)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     data = Path(args.data) if args.data else ROOT / "data/humans"
     if not (data / "pose/manifest.json").is_file():
         from foundation.data.synthetic_humans import generate
 
-        data = Path(tempfile.mkdtemp()) / "humans"
+        tmp = tempfile.TemporaryDirectory()  # removed when the process ends
+        data = Path(tmp.name) / "humans"
         generate(data, n=20, seed=0, views=3, size=64)
     overrides = []
     for name in ("pose", "parsing", "attributes", "reid", "detection"):

@@ -1,0 +1,44 @@
+"""What the benchmark scripts share (not a benchmark itself: tests/test_benchmarks.py runs the others)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def parse_args(ap: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
+    """The script's arguments; ``--smoke`` replaces them with ``smoke``, its smallest settings (the script runs
+    through and prints its JSON line; the figures mean nothing: tests/test_benchmarks.py keeps it running)."""
+    ap.add_argument("--smoke", action="store_true", help="smallest settings: runs through and prints its JSON line "
+                                                         f"(figures mean nothing): {smoke}")
+    args = ap.parse_args()
+    if args.smoke:
+        vars(args).update(smoke)
+    return args
+
+
+class MemoryLoader:
+    """The training reader's interface over batches already in memory; records when each batch is taken
+    (``clock()`` appended to ``stamps`` when given)."""
+
+    def __init__(self, batches: list[dict], stamps: list[float] | None, clock: Callable[[], float]):
+        self.batches, self.stamps, self.clock, self.i = batches, stamps, clock, 0
+        self.skipped = 0
+
+    def __iter__(self) -> MemoryLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self.stamps is not None:
+            self.stamps.append(self.clock())
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+    def position(self) -> dict:
+        return {}
+
+    def pop_skip_reports(self) -> list[str]:
+        return []
+
+    def epoch(self) -> None:
+        return None
