@@ -9,7 +9,8 @@
 #
 # Environment: PYTHON (default python3; the package must be importable, e.g. PYTHONPATH=$PWD),
 # DEVICE (default cuda; `DEVICE=cpu STEPS=20` dry-runs the script on a laptop), STEPS (training steps,
-# default 300), STEP_TIMEOUT (seconds per step, default 240), SKIP (space-separated step names).
+# default 300), STEP_TIMEOUT (seconds per step, default 240), SKIP (space-separated step names), NGPU (GPUs
+# the DDP/FSDP2 MFU steps use, default 1).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [FASHION_MNIST_IDX_DIR]}
 SRC=${2:-}
@@ -68,6 +69,26 @@ else
   step clip_b32_bf16 "$PY" benchmarks/clip_throughput.py --steps 4 --warmup 1 --no-declip
 fi
 step int8_speed "$PY" benchmarks/int8_speed.py --threads 1 --reps-b1 20 --reps-b16 6
+
+# bf16 MFU of a ViT-B/16 CLIP training step under DDP and under FSDP2 (benchmarks/clip_mfu.py, one process per
+# GPU; NGPU=8 for a whole node), and FSDP2's memory against DDP's at 2 ranks (benchmarks/fsdp_memory.py: on
+# 2 GPUs when there are, else on CPU ranks). A CPU dry run takes the narrow model and the smallest settings.
+NGPU=${NGPU:-1}
+for b in ddp fsdp2; do
+  if [ "$DEV" = cuda ]; then
+    step clip_b16_mfu_$b "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" benchmarks/clip_mfu.py \
+      --backend $b --device cuda --model ViT-B-16 --batch-size 128 --steps 20 --warmup 5
+  else
+    step clip_b16_mfu_$b "$PY" benchmarks/clip_mfu.py --backend $b --smoke
+  fi
+done
+if [ "$DEV" = cuda ] && [ "$NGPU" -ge 2 ]; then
+  step fsdp_memory "$PY" benchmarks/fsdp_memory.py --device cuda --batch-size 32
+elif [ "$DEV" = cuda ]; then
+  step fsdp_memory "$PY" benchmarks/fsdp_memory.py
+else
+  step fsdp_memory "$PY" benchmarks/fsdp_memory.py --smoke
+fi
 
 for f in runs/resnet18_fmnist_fp32/summary.json runs/resnet18_fmnist_bf16/summary.json quant/results.md \
          robustness/report.md sysnoise/report.md; do

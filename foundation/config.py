@@ -416,6 +416,23 @@ class Recipe(Section):
                                  "use parallel.backend ddp, or schedule mix/sample with DeepSpeed")
         return self
 
+    @model_validator(mode="after")
+    def _fsdp2(self) -> Recipe:
+        """What FSDP2 cannot run, refused at load (foundation/engine/fsdp.py checks again when sharding)."""
+        if self.parallel.backend != "fsdp2":
+            return self
+        if self.train.precision == "fp16":
+            raise ValueError("train.precision=fp16: not available with parallel.backend=fsdp2 (fp16 needs a sharded "
+                             "grad scaler); use bf16")
+        if self.train.ema_decay:
+            raise ValueError("train.ema_decay: not available with parallel.backend=fsdp2 (the weights are sharded); "
+                             "use ddp, or drop the EMA")
+        if self.tasks is not None and self.train.schedule == "groups":
+            raise ValueError("train.schedule: groups is not available with parallel.backend=fsdp2 (groups reduce "
+                             "each task's gradients over its own ranks; FSDP2 shards every parameter over all "
+                             "ranks): use parallel.backend ddp, or schedule mix/sample with fsdp2")
+        return self
+
     @property
     def task_entries(self) -> dict[str, TaskEntry]:
         """The tasks by name; a single-task recipe is one task named after its ``task.name``."""

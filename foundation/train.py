@@ -326,11 +326,12 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
 def check_resumable(state: dict, recipe: Recipe, info: DistInfo, ckpt: Path) -> None:
     """Stop with what to do when a checkpoint cannot continue under this recipe; log what changed."""
     was, now = state.get("backend", info.backend), info.backend
-    if was == now == "deepspeed" and state["world_size"] != info.world_size and recipe.parallel.zero_stage > 0:
+    if was == now == "deepspeed" and state["world_size"] != info.world_size:
         raise CheckpointError(
             f"{ckpt} was written by {state['world_size']} DeepSpeed rank(s) and this run has {info.world_size}: "
-            "ZeRO's optimizer partitions are per rank. Resume at the same world size, or start a new run from its "
-            f"weights with model.init: {{path: {ckpt}, part: all}} (and train.resume=none)")
+            "DeepSpeed's optimizer state is in its own files (ZeRO partitions per rank). Resume at the same world "
+            f"size, or start a new run from its weights with model.init: {{path: {ckpt}, part: all}} (and "
+            "train.resume=none)")
     if (was == "deepspeed") != (now == "deepspeed"):
         raise CheckpointError(
             f"{ckpt} was written by a {was} run and this one is {now}: the optimizer state is in a different "
