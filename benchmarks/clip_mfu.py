@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import parse_args  # benchmarks/_bench.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,10 +59,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run: narrow model, 2 steps (figures mean nothing)")
-    args = ap.parse_args()
-    if args.smoke:
-        vars(args).update(SMOKE)
+    args = parse_args(ap, SMOKE)  # --smoke: the CPU dry run (narrow model, 2 steps)
     logging.disable(logging.WARNING)
 
     import open_clip

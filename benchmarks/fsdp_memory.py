@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _bench import parse_args  # benchmarks/_bench.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,12 +138,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--smoke", action="store_true",
-                    help="smallest settings: runs through and prints its JSON line (figures mean nothing)")
-    args = ap.parse_args()
-    args.model = dict(MODEL)
-    if args.smoke:
-        vars(args).update(SMOKE)
+    args = parse_args(ap, SMOKE)
+    if not args.smoke:
+        args.model = dict(MODEL)
     from foundation.engine.distributed import _free_port
 
     with tempfile.TemporaryDirectory() as tmp:
