@@ -167,8 +167,15 @@ def _onnx_row(deploy, qmodel, calib, path: Path, name: str) -> dict:
 
 
 def _write(out: Path, rows: list[dict]) -> None:
+    """``results.json`` / ``results.md``, merged with earlier runs into the same directory (same method, bits and
+    backend: replaced)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2, default=float))
+    path = out / "results.json"
+    key = ("model", "method", "bits", "backend")
+    merged = {tuple(r.get(k) for k in key): r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    merged.update({tuple(r.get(k) for k in key): r for r in rows})
+    rows = sorted(merged.values(), key=lambda r: (r["method"] != "fp32", r["bits"], r["method"]))
+    path.write_text(json.dumps(rows, indent=2, default=float))
     lines = ["| task | method | bits | metric | value | Δ vs FP | second | output rel. error | PTQ s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
