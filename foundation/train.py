@@ -199,6 +199,8 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
     elapsed = time.perf_counter() - t_start
     if run.groups is not None:
         run.groups.broadcast_task_params(run.engine.module)
+    else:
+        run.engine.sync_buffers()
     digest = weights_digest(run.engine)
     digests = gather_objects(digest)
     if len(set(digests)) > 1:
@@ -251,6 +253,8 @@ def set_up(recipe: Recipe, info: DistInfo) -> Run:
     # -- task, transfer, optimizer, schedule. Same seed on every rank for the initial weights.
     seed_everything(recipe.seed)
     task = build_task(recipe, groups.sizes if groups else None, info.world_size).to(info.device)
+    if groups is not None:
+        groups.check_shared(task)
     if recipe.model.init is not None and state is None:
         report = apply_init(task, recipe.model.init)
         log.info("model.init from %s (%s): %s", recipe.model.init.path, recipe.model.init.part, report.summary())
@@ -573,7 +577,8 @@ def save(run: Run, step: int) -> Path:
 
 
 def weights_digest(engine: Engine) -> str:
-    """sha256 of this rank's parameters (ZeRO-3 partitions are gathered first), to check ranks agree."""
+    """sha256 of this rank's parameters (ZeRO-3 partitions are gathered first) and buffers (BatchNorm
+    statistics, counters), to check ranks agree."""
     import hashlib
 
     if engine.info.backend == "fsdp2":
@@ -588,6 +593,8 @@ def weights_digest(engine: Engine) -> str:
     with gather:
         for p in params:
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for b in engine.module.buffers():
+        h.update(b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

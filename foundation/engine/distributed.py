@@ -105,8 +105,57 @@ def _free_port() -> int:
 
 
 def close_distributed() -> None:
+    from foundation.engine.collectives import use_group
+
+    use_group(None)
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _broadcast_scalars_too() -> None:
+    """DeepSpeed's engine broadcasts rank 0's parameters at start as ``p.data.view(torch.uint8)``, which a
+    0-dim parameter (CLIP's ``logit_scale``) cannot do: "self.dim() cannot be 0 to view Float as Byte", and
+    every CLIP run on more than one DeepSpeed rank stopped there. Such parameters are broadcast as 1-element
+    tensors and given back their shape before ZeRO sees them."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = DeepSpeedEngine._broadcast_model
+    if getattr(real, "_foundation", False):
+        return
+
+    def broadcast_model(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            real(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    broadcast_model._foundation = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps the process group it found, and groups made from it, in module globals; a second run in
+    the same process (a sweep, a test) would use them after ``destroy_process_group`` and wait for ever."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                     "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "mesh_device"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                     "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+            if isinstance(getattr(groups, name, None), dict):
+                getattr(groups, name).clear()
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
 
 
 def barrier() -> None:
@@ -174,6 +223,7 @@ class Engine:
         self.optimizer = optimizer
         self.precision = train.precision
         self.scaler: torch.amp.GradScaler | None = None
+        self._synced = True  # the current micro-batch's backward all-reduces (DDP)
         self.ds_config: dict | None = None
         if train.precision == "fp16" and info.device.type != "cuda":
             raise RuntimeError("train.precision=fp16 needs a CUDA device; use bf16 (or fp32) on CPU")
@@ -181,6 +231,7 @@ class Engine:
             import deepspeed
 
             self.ds_config = deepspeed_config(parallel, train, info.world_size)
+            _broadcast_scalars_too()
             self.wrapped, self.ds_optimizer, _, _ = deepspeed.initialize(
                 model=task, optimizer=optimizer, config=self.ds_config
             )
@@ -215,11 +266,16 @@ class Engine:
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
         """DDP all-reduces gradients only on the last micro-batch of a step."""
-        if self.info.backend == "ddp" and not last:
+        self._synced = last
+        if self._ddp and not last:
             with self.wrapped.no_sync():
                 yield
         else:
             yield
+
+    @property
+    def _ddp(self) -> bool:
+        return self.info.backend == "ddp" and self.groups is None
 
     def backward(self, loss: Tensor | None, accum: int, drop_step: bool = False) -> None:
         """Back-propagate ``loss / accum``. ``None`` (a non-finite micro-batch every rank agreed to
@@ -251,6 +307,11 @@ class Engine:
         if loss is None:
             return
         loss = loss / accum
+        if self._ddp and self._synced and not self.wrapped.find_unused_parameters:
+            # (find_unused_parameters: DDP itself all-reduces the accumulated gradients of the parameters
+            # this backward does not reach; touching them as well would mark them ready twice)
+            touch = _touch_accumulated(self.module)
+            loss = loss if touch is None else loss + touch
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, clip: float | None, skip: bool) -> float | None:
@@ -268,6 +329,8 @@ class Engine:
             return None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+            if self.groups is not None:  # overflow decided on each rank's own gradients: agree before stepping
+                agree_found_inf(self.scaler, self.optimizer)
         if self.groups is not None:
             norm = self.groups.sync_grads(self.module, clip)
         else:
@@ -279,6 +342,23 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm if math.isfinite(norm) else None
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank (collective), as DDP's next forward would
+        broadcast them: the checkpoint holds rank 0's. Not with ``parallel.broadcast_buffers: false``, whose
+        ranks keep their own (and ``weights_digest`` says they differ), nor under ``groups``, whose
+        ``broadcast_task_params`` does it task by task."""
+        if not dist.is_initialized() or self.groups is not None or self.info.backend not in ("ddp", "deepspeed"):
+            return
+        if self.info.backend == "ddp" and not self.wrapped.broadcast_buffers:
+            return
+        buffers = [b for b in self.module.buffers()]
+        if buffers:
+            comm = self._comm_device()
+            for b in buffers:
+                out = b.detach().to(comm)
+                dist.broadcast(out, src=0)
+                b.copy_(out.to(b.device))
 
     def all_true(self, flag: bool) -> bool:
         """True only if ``flag`` is true on every rank (so all ranks take the same branch)."""
@@ -298,6 +378,39 @@ class Engine:
 
     def _comm_device(self) -> torch.device:
         return self.info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, group=None) -> bool:
+    """After ``scaler.unscale_(optimizer)``: an overflow found on any rank counts on every rank (collective).
+    ``unscale_`` looks for inf/NaN in this rank's gradients only. Under DDP they are already all-reduced, so
+    the ranks agree; under ``train.schedule: groups`` they are not yet (each group's head, and the shared
+    part before ``sync_grads``), and a rank that saw no overflow would step while the others skip, and the
+    scales drift apart. Returns whether the step is skipped."""
+    state = scaler._per_optimizer_states[id(optimizer)]
+    found = state["found_inf_per_device"]
+    flag = torch.tensor([float(sum(float(v.item()) for v in found.values()) > 0)])
+    if dist.is_available() and dist.is_initialized():
+        comm = flag.cuda() if dist.get_backend(group) == "nccl" else flag
+        dist.all_reduce(comm, op=dist.ReduceOp.MAX, group=group)
+        flag = comm.cpu()
+    skip = bool(flag.item() > 0)
+    for v in found.values():
+        v.fill_(1.0 if skip else 0.0)
+    return skip
+
+
+def _touch_accumulated(module: nn.Module) -> Tensor | None:
+    """An exact zero that depends on every parameter holding a gradient from this step's earlier (no_sync)
+    micro-batches. DDP all-reduces a parameter's gradient when the synced backward reaches it, and waits
+    for every parameter it expects: a multi-task step runs each task as its own micro-batch (one task's
+    activations alive at a time), so the synced backward is the last task's, which never reaches the other
+    tasks' heads — the reduction would never finish ("Expected to have finished reduction in the prior
+    iteration"). Through this term the synced backward reaches them: their accumulated gradient plus 0 is
+    all-reduced, the gradient one process gets."""
+    pending = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if not pending:  # nothing accumulated (grad_accum 1, one task): the loss alone, bit for bit
+        return None
+    return torch.cat([p.reshape(-1)[:1].float() for p in pending]).sum() * 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,10 +446,30 @@ class TaskGroups:
         # every rank takes part in creating every group, in the same order
         groups = {name: dist.new_group(ranks) for name, ranks in self.ranks.items()} if dist.is_initialized() else {}
         self._group = groups.get(self.task)
+        if self._group is not None:  # a contrastive loss (CLIP) gathers over its task's ranks only
+            from foundation.engine.collectives import use_group
+
+            use_group(self._group)
 
     @property
     def sizes(self) -> dict[str, int]:
         return {name: len(ranks) for name, ranks in self.ranks.items()}
+
+    @staticmethod
+    def check_shared(module: nn.Module) -> None:
+        """Refuse BatchNorm in the shared part (outside ``tasks.<name>.``): each group would normalise its
+        task's batches by their own statistics and move its own running statistics, so the shared model
+        would differ between groups and from ``mix``'s; no synchronisation after the fact restores that."""
+        from foundation.config import RecipeError
+
+        found = [n for n, m in module.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not n.startswith("tasks.")]
+        if found:
+            raise RecipeError(
+                f"train.schedule: groups cannot train a shared part with BatchNorm ({len(found)} layer(s), e.g. "
+                f"{found[0]}): each group of ranks would normalise with its own task's statistics and the running "
+                "statistics would drift apart between ranks; use a backbone with LayerNorm/GroupNorm, or "
+                "train.schedule=mix")
 
     @property
     def group_size(self) -> int:
@@ -382,9 +515,17 @@ class TaskGroups:
         return norm
 
     def broadcast_task_params(self, module: nn.Module) -> None:
-        """Every task's parameters and buffers from its group's first rank to all ranks."""
+        """Every task's parameters and buffers from its group's first rank to all ranks, and the shared
+        part's floating-point buffers from rank 0 (no BatchNorm there: ``check_shared``; what is left is
+        constant or counted alike on every rank, and the checkpoint holds rank 0's)."""
         if not dist.is_initialized():
             return
+        shared = [t for n, t in module.named_buffers() if not n.startswith("tasks.") and t.is_floating_point()]
+        if shared:
+            flat = torch._utils._flatten_dense_tensors([t.data for t in shared])
+            dist.broadcast(flat, src=0)
+            for t, v in zip(shared, torch._utils._unflatten_dense_tensors(flat, [t.data for t in shared])):
+                t.data.copy_(v)
         for name, ranks in self.ranks.items():
             tensors = [t for n, t in list(module.named_parameters()) + list(module.named_buffers())
                        if n.startswith(f"tasks.{name}.") and t.is_floating_point()]
