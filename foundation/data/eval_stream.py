@@ -12,6 +12,7 @@ from foundation.config import DataConfig
 from foundation.data.decode import BadSample, Decoder, Tokenizer, collate, shard_targets
 from foundation.data.manifest import class_names, resolve_shards
 from foundation.data.tars import Reporter, shard_samples
+from foundation.data.workers import dies_with_this_process
 
 class _EvalStream(IterableDataset):
     """Finite batches: each (rank, worker) slot reads its share, every sample once across all slots."""
@@ -66,7 +67,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         self.skipped = 0
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._workers,
-                            prefetch_factor=2 if self._workers > 0 else None, generator=torch.Generator())
+                            prefetch_factor=2 if self._workers > 0 else None, generator=torch.Generator(),
+                            worker_init_fn=dies_with_this_process())
         for batch in loader:
             skipped, reports = batch.pop("_meta")
             self.skipped += skipped

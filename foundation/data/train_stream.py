@@ -33,6 +33,7 @@ from foundation.config import DataConfig
 from foundation.data import DataError
 from foundation.data.decode import BadSample, Decoder, Tokenizer, collate, shard_targets
 from foundation.data.manifest import is_remote, read_manifest, resolve_shards
+from foundation.data.workers import dies_with_this_process
 from foundation.data.tars import Reporter, tar_samples
 
 POSITION_VERSION = 2
@@ -268,6 +269,7 @@ class TrainLoader:
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
             collate_fn=_as_is,  # batches are made in the stream; default_convert would walk every int of _meta
+            worker_init_fn=dies_with_this_process(),
         )
         self._it: Iterator | None = None
 
