@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections.abc import Callable
+
+import torch
 
 
 def parse_args(ap: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
@@ -15,6 +19,20 @@ def parse_args(ap: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
     if args.smoke:
         vars(args).update(smoke)
     return args
+
+
+def step_args(smoke: dict) -> tuple[argparse.Namespace, Callable[[], float]]:
+    """The engine-step benchmarks' options (--steps, --rounds, --batch-size, --timer) and the clock ``--timer``
+    picks: this process's CPU time (the default; other jobs on a shared machine disturb it far less than wall
+    time) or perf_counter. Torch threads: OMP_NUM_THREADS (default 2)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--timer", choices=["process", "wall"], default="process")
+    args = parse_args(ap, smoke)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    return args, (time.process_time if args.timer == "process" else time.perf_counter)
 
 
 class MemoryLoader:

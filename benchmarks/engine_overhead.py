@@ -11,7 +11,6 @@ perf_counter. Prints one JSON line last: ratio = engine / bare (goal <= 1.05).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import foundation.train as train_mod
 from foundation.config import validate
 from foundation.tasks import TASKS
 from foundation.train import build_optimizer
-from _bench import MemoryLoader, parse_args  # benchmarks/_bench.py, next to this script
+from _bench import MemoryLoader, step_args  # benchmarks/_bench.py, next to this script
 
 MODELS = {
     "resnet18": {"backbone": "resnet18", "num_classes": 10},
@@ -86,15 +85,8 @@ def run_bare(model: str, steps: int, batch_size: int, batches: list[dict]) -> fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--timer", choices=["process", "wall"], default="process")
-    args = parse_args(ap, SMOKE)
     global CLOCK
-    CLOCK = time.process_time if args.timer == "process" else time.perf_counter
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args, CLOCK = step_args(SMOKE)
     batches = make_batches(args.batch_size)
     results = {}
     for model in MODELS:

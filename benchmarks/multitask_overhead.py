@@ -13,7 +13,6 @@ single B) (goal <= 1.05).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import torch
 
 import foundation.train as train_mod
 from foundation.config import validate
-from _bench import MemoryLoader, parse_args  # benchmarks/_bench.py, next to this script
+from _bench import MemoryLoader, step_args  # benchmarks/_bench.py, next to this script
 
 MODEL = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
          "kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 3}}
@@ -73,15 +72,8 @@ def run_single(name: str, steps: int, batch_size: int, batches: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--timer", choices=["process", "wall"], default="process")
-    args = parse_args(ap, SMOKE)
     global CLOCK
-    CLOCK = time.process_time if args.timer == "process" else time.perf_counter
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args, CLOCK = step_args(SMOKE)
     batches = {"a": make_batches(args.batch_size, 0), "b": make_batches(args.batch_size, 1)}
     multi, singles = [], []
     for _ in range(args.rounds):  # alternate, so drifts of a shared machine hit both
