@@ -5,7 +5,8 @@ commands write (``foundation report`` evaluates nothing):
 - clean: ``<run>/eval/<task>.json`` (``foundation eval unihcp_<kind> ... --out``), else the robustness run's clean;
 - ``<run>/eval/robustness_<task>/robustness.json`` and ``<run>/eval/sysnoise_<task>/sysnoise.json`` (the default
   outputs of ``foundation eval robustness|sysnoise --task <task>``);
-- ``runs/quant/<run name>_<task>/results.json`` or ``<run>/quant/<task>/results.json`` (``foundation quantize``).
+- ``<runs dir>/quant/<run name>_<task>/results.json``, ``<run>/quant/<task>/results.json`` or, relative to the
+  working directory, ``runs/quant/<run name>_<task>/results.json`` (``foundation quantize``'s default).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def collect_unihcp(run_dir: Path, tasks: dict[str, str]) -> tuple[list[dict], li
                 row["sysnoise_worst"] = f"{worst['axis']}/{worst['variant']}"
                 row["sysnoise_delta"] = worst["delta"]
         quant = None
-        for d in (run_dir.parent / "quant" / f"{run_dir.name}_{name}", run_dir / "quant" / name):
+        for d in (run_dir.parent / "quant" / f"{run_dir.name}_{name}", run_dir / "quant" / name,
+                  Path("runs") / "quant" / f"{run_dir.name}_{name}"):  # the quantize CLI's default, from here
             quant = _read(d / "results.json")
             if quant is not None:
                 break
