@@ -47,10 +47,20 @@ def _build(recipe: Recipe, path: Path):
         return build_task(recipe)
     except (RecipeError, DataError, CheckpointError):
         raise
-    except (RuntimeError, ValueError, TypeError, AssertionError, KeyError, IndexError, ArithmeticError) as e:
-        why = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path / 'recipe.yaml'}: its model does not build ({type(e).__name__}: {why}); "
-                              "the checkpoint is damaged or was not written by this platform") from None
+    except BUILD_ERRORS as e:
+        raise does_not_build(path / "recipe.yaml", e) from None
+
+
+# what building a model from sizes the gate let through can raise (a negative width, heads that do not divide)
+BUILD_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, KeyError, IndexError, AttributeError,
+                ArithmeticError)
+
+
+def does_not_build(file: Path | str, e: BaseException) -> CheckpointError:
+    """The one-line error for an artefact whose model (or quantized model) cannot be rebuilt from ``file``."""
+    why = (str(e).strip().splitlines() or [""])[0][:300]
+    return CheckpointError(f"{file}: its model does not build ({type(e).__name__}: {why}); the artefact is damaged "
+                           "or was not written by this platform")
 
 
 def load_task(checkpoint: str | Path, ema: bool = False):
@@ -90,6 +100,25 @@ def load_model(checkpoint: str | Path, device: str = "cpu", ema: bool = False, t
     return whole.tasks[task].model.to(device).eval(), view
 
 
+def unihcp_deploy(recipe: dict, task: str, packed: bool = False):
+    """The ``UniHCPDeploy`` network of UniHCP task ``task`` of a (gated) resolved recipe, with untrained
+    weights: what a UniHCP task's quantized model is rebuilt from. Its ``quant.json`` holds the checkpoint's
+    resolved recipe (the task's vocabulary included), so it needs neither the checkpoint nor the shards."""
+    from foundation.models.unihcp_export import deploy_task
+    from foundation.tasks import build_task
+    from foundation.tasks.unihcp import UniHCPTask
+
+    recipe = validate(recipe, "quant.json arch.recipe")
+    whole = build_task(recipe)  # a size that cannot build: load_quantized says so in one line
+    if recipe.tasks is None:
+        found = (whole, recipe.data) if recipe.task.name == task else None
+    else:
+        found = (whole.tasks[task], recipe.tasks[task].data) if task in recipe.tasks else None
+    if found is None or not isinstance(found[0], UniHCPTask):
+        raise CheckpointError(f"quant.json arch.task: {task!r} is not a UniHCP task of its recipe")
+    return deploy_task(*found, packed=packed)
+
+
 def self_contained(recipe: Recipe) -> Recipe:
     """``recipe`` with what its model reads from the training shards written into it, so its checkpoints
     rebuild without them: a multi-task classification head's class count (``tasks.<name>.num_classes``) and a
@@ -118,4 +147,5 @@ def self_contained(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"tasks": entries})
 
 
-__all__ = ["load_artefact_recipe", "load_model", "load_task", "self_contained"]
+__all__ = ["BUILD_ERRORS", "does_not_build", "load_artefact_recipe", "load_model", "load_task", "self_contained",
+           "unihcp_deploy"]

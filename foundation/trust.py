@@ -288,6 +288,8 @@ def check_recipe(data: dict, root: Path, where: str) -> dict:
     """The raw recipe mapping of a checkpoint, gated: its model section (``check_model_section``); data paths
     are checked where they are used (``foundation.data.local_spec``)."""
     data = dict(data)
+    if "base" in data:  # also for a recipe held inside another file (a quantized model's quant.json)
+        raise _refuse(f"{where}: base", "a recipe read from an artefact includes no other file")
     if "model" in data:
         data["model"] = check_model_section(data["model"], root, f"{where}: model")
     return data

@@ -231,10 +231,13 @@ def _timm_export(world: dict, tmp: Path, **edit) -> Path:
     return export
 
 
-def _open_clip_export(tmp: Path, text: dict | None = None, vision: dict | None = None) -> Path:
+def _open_clip_export(tmp: Path, text: dict | None = None, vision: dict | None = None, pickled: bool = False) -> Path:
     export = tmp / "export"
     export.mkdir()
-    (export / "open_clip_model.safetensors").write_bytes(b"")  # never read: the config is refused first
+    if pickled:  # open_clip's own format: a pickle, which adapt never reads
+        _evil_pickle(export / "open_clip_pytorch_model.bin", export / MARKER)
+    else:
+        (export / "open_clip_model.safetensors").write_bytes(b"")  # never read: the model is refused first
     model_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, **(vision or {})},
                  "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1, **(text or {})}}
     (export / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"size": 32}}))
@@ -256,6 +259,9 @@ EXPORT_CASES = {
         "timm_model_name": "resnet10t", "timm_model_pretrained": True}), "timm_model_pretrained"),
     "open_clip-hf_tokenizer-outside": (lambda w, t: _open_clip_export(t, text={
         "hf_tokenizer_name": str(w["outside"])}), "hf_tokenizer_name"),
+    "open_clip-pickled-weights": (lambda w, t: _open_clip_export(t, pickled=True), "open_clip_model.safetensors"),
+    # plain sizes the gate lets through, which open_clip cannot build (3 heads do not divide a width of 32)
+    "open_clip-impossible-size": (lambda w, t: _open_clip_export(t, text={"heads": 3}), "does not build"),
 }
 
 
@@ -519,7 +525,8 @@ def test_crafted_checkpoint_in_process(fake_step, digits_shards, tmp_path, monke
 
 
 FAST_EXPORT_CASES = {k: EXPORT_CASES[k] for k in ("timm-kwargs-checkpoint_path", "timm-hub-architecture",
-                                                  "open_clip-hf_model_name-hub", "open_clip-timm_model_pretrained")}
+                                                  "open_clip-hf_model_name-hub", "open_clip-timm_model_pretrained",
+                                                  "open_clip-pickled-weights", "open_clip-impossible-size")}
 
 
 @pytest.mark.parametrize("case", sorted(FAST_EXPORT_CASES))
@@ -543,3 +550,40 @@ def test_a_legitimate_checkpoint_evaluates_under_the_hook(fake_step, digits_shar
         code = main(["eval", "classification", "--checkpoint", str(fake_step), "--data", str(digits_shards)])
     assert not violations, violations
     assert code == 0, capsys.readouterr().err[-2000:]
+
+
+# a quantized model's quant.json beyond its architecture: module names and sizes that do not rebuild, and a
+# UniHCP task's quantized model, which carries its checkpoint's recipe (gated like a checkpoint's)
+QUANT_JSON_CASES = {
+    "folded_bn-unknown-module": ({"folded_bn": [["no.such.conv", "no.such.bn"]]}, "does not build"),
+    "folded_bn-not-pairs": ({"folded_bn": "conv1"}, "does not build"),
+    "sites-unknown-key": ({"sites": [{"bogus": 1}]}, "does not build"),
+    "unihcp_task-base-include": ({"arch": {"source": "unihcp_task", "task": "pose",
+                                           "recipe": {"base": "{outside}/secret.yaml"}}}, "includes no other file"),
+    "unihcp_task-names-its-checkpoint": ({"arch": {"source": "unihcp_task", "task": "pose",
+                                                   "checkpoint": "{outside}"}}, "recipe mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANT_JSON_CASES))
+def test_crafted_quant_json_in_process(fake_step, digits_shards, tmp_path, monkeypatch, capsys, case):
+    edit, needle = QUANT_JSON_CASES[case]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.yaml").write_text("model: {backbone: resnet10t}\n")
+    qdir = tmp_path / "quant"
+    qdir.mkdir()
+    shutil.copy(fake_step / "model.safetensors", qdir / "model.safetensors")
+    model = yaml.safe_load((fake_step / "recipe.yaml").read_text())["model"]
+    meta = {"format": 1, "arch": {"source": "recipe", "model": model, "in_chans": 1}, "folded_bn": [], "sites": [],
+            "wspec": {}, "aspec": {}, "config": {}}
+    meta.update(json.loads(json.dumps(edit).replace("{outside}", str(outside))))
+    (qdir / "quant.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    with audited([fake_step, qdir, digits_shards, out], marker=MARKER) as violations:
+        code = main(["eval", "sysnoise", "--checkpoint", str(fake_step), "--data", str(digits_shards),
+                     "--int8", str(qdir), "--axes", "precision", "--max-samples", "4", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not violations, violations
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err

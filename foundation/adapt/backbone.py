@@ -9,7 +9,7 @@
 | a multi-task run (``tasks:``) | the shared backbone's pooled feature | its first task's data settings |
 | ``timm:NAME`` with ``weights=FILE`` (.safetensors, or .pth/.pt/.bin loaded with ``weights_only=True``) | the timm model without its head | timm's ``pretrained_cfg`` of NAME |
 | a ``foundation export --format timm`` folder (``config.json`` + ``model.safetensors``) | as ``timm:NAME`` | the exported ``pretrained_cfg`` |
-| a ``foundation export --format open_clip`` folder (``open_clip_config.json`` + weights) | open_clip's ``visual``: ``projected`` = ``encode_image``, ``pooled`` = before ``proj`` | the exported ``preprocess_cfg`` |
+| a ``foundation export --format open_clip`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) | open_clip's ``visual``: ``projected`` = ``encode_image``, ``pooled`` = before ``proj`` | the exported ``preprocess_cfg`` |
 
 Only the recipe's preprocessing settings are used, never its data paths: the data to adapt on come
 from the command line. Nothing read from a checkpoint runs code (safetensors, or
@@ -192,16 +192,22 @@ def _timm_backbone(name: str, weights: Path, feature: str, image_size: int | Non
 def _open_clip_backbone(path: Path, feature: str, image_size: int | None) -> Backbone:
     import open_clip
 
+    from safetensors import SafetensorError
+
+    from foundation.artefacts import BUILD_ERRORS, does_not_build
+
     config = check_open_clip_config(_read_json(path / "open_clip_config.json"), path)
-    weights = next((p for p in (path / "open_clip_model.safetensors", path / "open_clip_pytorch_model.bin")
-                    if p.is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{path}: open_clip export without open_clip_model.safetensors")
+    weights = path / "open_clip_model.safetensors"  # safetensors only: a pickled .bin is never read
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: open_clip export without open_clip_model.safetensors (a pickled "
+                              "open_clip_pytorch_model.bin is not read; see docs/trust.md)")
     _check_feature(feature, FEATURES, "an open_clip model")
     name = f"foundation-adapt-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     open_clip.factory._MODEL_CONFIGS[name] = config["model_cfg"]  # local config only: nothing from a hub
     try:
         model = open_clip.create_model(name, pretrained=str(weights), weights_only=True)
+    except (*BUILD_ERRORS, SafetensorError) as e:  # sizes the gate let through but open_clip cannot build or load
+        raise does_not_build(path / "open_clip_config.json", e) from None
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     model.eval()
