@@ -179,7 +179,7 @@ def check_arch(arch: Any, root: Path) -> dict[str, Any]:
     """A quantized checkpoint's ``quant.json`` ``arch`` through the artefact gate (``foundation.trust``): a
     registered timm name with allowed kwargs, or a recipe's model section / recipe gated as a checkpoint's
     recipe is. Anything else is refused before it reaches timm."""
-    from foundation.trust import ArtefactRefused, check_model_section, check_recipe, model_kwargs, timm_name
+    from foundation.trust import ArtefactRefused, check_model_section, check_recipe, model_kwargs, plain, timm_name
 
     where = f"{Path(root) / 'quant.json'}: arch"
     source = arch.get("source") if isinstance(arch, dict) else None
@@ -199,5 +199,12 @@ def check_arch(arch: Any, root: Path) -> dict[str, Any]:
         if not isinstance(recipe, dict) or arch.get("tower") not in ("image", "text"):
             raise ArtefactRefused(f"{where}: recipe_tower needs a recipe mapping and tower 'image' or 'text'")
         return {"source": "recipe_tower", "recipe": check_recipe(recipe, root, f"{where}.recipe"), "tower": arch["tower"]}
-    raise ArtefactRefused(f"{where}.source: {source!r}; a quantized checkpoint's architecture is 'timm', 'recipe' or "
-                          "'recipe_tower'")
+    if source == "unihcp_task":  # one UniHCP task: the checkpoint's resolved recipe travels in quant.json
+        recipe, task = arch.get("recipe"), arch.get("task")
+        if not isinstance(recipe, dict) or not isinstance(task, str):
+            raise ArtefactRefused(f"{where}: unihcp_task needs the checkpoint's recipe mapping and a task name (a "
+                                  "quantized model written before it held its recipe: quantize it again)")
+        return {"source": "unihcp_task", "recipe": check_recipe(recipe, root, f"{where}.recipe"),
+                "task": plain(task, f"{where}.task")}
+    raise ArtefactRefused(f"{where}.source: {source!r}; a quantized checkpoint's architecture is 'timm', 'recipe', "
+                          "'recipe_tower' or 'unihcp_task'")

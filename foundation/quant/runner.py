@@ -118,6 +118,10 @@ def build_architecture(arch: dict) -> nn.Module:
         recipe = validate(arch["recipe"])
         dual = TASKS[recipe.task.name].build(recipe.model, recipe.task, recipe.data).model
         return {"image": ImageTower, "text": TextTower}[arch["tower"]](dual)
+    if arch.get("source") == "unihcp_task":  # one task of a UniHCP checkpoint, packed; quant.json holds its recipe
+        from foundation.artefacts import unihcp_deploy
+
+        return unihcp_deploy(arch["recipe"], arch["task"], packed=True)
     if arch.get("source") == "timm":
         from foundation.config import refuse_file_loading
 
@@ -147,19 +151,37 @@ def save_quantized(qmodel: nn.Module, path: str | Path, arch: dict, extra: dict 
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a quantized model saved by ``save_quantized`` (eval mode, on ``device``)."""
-    from safetensors.torch import load_file
+    """Rebuild a quantized model saved by ``save_quantized`` (eval mode, on ``device``); a ``quant.json`` that
+    is refused by the gate or does not rebuild is a ``CheckpointError`` (one line)."""
+    from safetensors import SafetensorError
+
+    from foundation.artefacts import BUILD_ERRORS, does_not_build
+    from foundation.checkpoint_io import CheckpointError
 
     path = Path(path)
     meta_file = path / "quant.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a quantized checkpoint (no quant.json); run `foundation quantize`")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: quantized checkpoint format {meta.get('format')} (this code reads {FORMAT_VERSION})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: unreadable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: quantized checkpoint format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None} (this code reads {FORMAT_VERSION})")
     from foundation.quant.config import check_arch
 
-    model = build_architecture(check_arch(meta["arch"], path)).eval()  # the artefact gate first
+    arch = check_arch(meta.get("arch"), path)  # the artefact gate first
+    try:  # the rest of quant.json (folded pairs, sites, specs) only names modules and sizes: a bad one is one line
+        return _rebuild(path, meta, arch, device)
+    except (*BUILD_ERRORS, SafetensorError) as e:
+        raise does_not_build(meta_file, e) from None
+
+
+def _rebuild(path: Path, meta: dict, arch: dict, device) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model = build_architecture(arch).eval()
     replace_attention(model, meta.get("linear_attention", []))
     for conv_name, bn_name in meta["folded_bn"]:
         conv = model.get_submodule(conv_name)

@@ -8,9 +8,13 @@ layer each). Not quantized: the neck's transposed convolutions and norms, attent
 (float on dequantized values, as for every transformer here), and the precomputed positions (constants).
 
 Calibration: ``--data``'s train split through the task's evaluation decoding (letterboxed, no augmentation)
-— the human-centric loader the task trains from. Evaluation: ``--val`` (default ``--data``'s val split)
-with the task's own metric (``unihcp_*``), FP32 and quantized side by side, and the relative error of the
-quantized outputs against the FP ones.
+— the human-centric loader the task trains from. Evaluation: ``--val``'s val split (default: the calibration
+shards, ``--data``'s train split, not held out, as for every other checkpoint) with the task's own metric
+(``unihcp_*``), FP32 and quantized side by side, and the relative error of the quantized outputs against the
+FP ones.
+
+Each quantized model's ``quant.json`` holds the checkpoint's resolved recipe (``arch.source: unihcp_task``), so
+``load_quantized`` rebuilds it without the checkpoint or the shards.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ def relative_error(a: nn.Module, b: nn.Module, images: Tensor, batch_size: int =
 def run_quantize_cli(args, configs: list[QuantConfig]) -> int:
     """``foundation quantize`` on a UniHCP checkpoint: every method × bits on one task (``--task``)."""
     from evaluation.unihcp_robustness import PRIMARY, SECONDARY, score, task_network
+    from foundation.artefacts import load_artefact_recipe
+    from foundation.checkpoint_io import resolve_checkpoint
+    from foundation.config import recipe_dict
     from foundation.data.shards import build_eval_loader
     from foundation.models.unihcp_export import TaskOutputs
     from foundation.quant.runner import save_quantized
@@ -86,11 +93,13 @@ def run_quantize_cli(args, configs: list[QuantConfig]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    recipe = load_artefact_recipe(resolve_checkpoint(args.checkpoint))  # gated when task_network read it
     kind, metric, second = task.kind, PRIMARY[task.kind], SECONDARY[task.kind]
     batch_size = configs[0].batch_size
     calib = calibration_images(args.data, cfg, max(c.calib_images for c in configs), batch_size)
     print(f"calibration: {calib.shape[0]} images from {args.data} (train split)")
-    val_spec, val_split = (args.val, "val") if args.val else (cfg.val or args.data, "val")
+    # as `quantize --help` says and the classifier path does: without --val, the calibration shards (not held out)
+    val_spec, val_split = (args.val, "val") if args.val else (args.data, "train")
     val = build_eval_loader(val_spec, cfg, batch_size=min(batch_size, 64), split=val_split)
     fp = score(fp_model, kind, val, device)
     out = Path(args.out) if args.out else Path("runs") / "quant" / f"{Path(args.checkpoint).resolve().name}_{name}"
@@ -125,8 +134,9 @@ def run_quantize_cli(args, configs: list[QuantConfig]) -> int:
                "ptq_seconds": round(time.perf_counter() - t0, 2), "calib_images": int(report["calib_images"]),
                "iters": qcfg.reconstruction.iters if qcfg.method != "rtn" else None,
                "units": [u["unit"] for u in report.get("method", {}).get("units", [])]}
-        save_quantized(qmodel, out / tag, {"source": "unihcp_task", "checkpoint": str(args.checkpoint), "task": name},
-                       extra={"report": report})
+        # self-contained: the checkpoint's resolved recipe (the task's vocabulary included) rebuilds the network
+        save_quantized(qmodel, out / tag, {"source": "unihcp_task", "recipe": recipe_dict(recipe), "task": name},
+                       extra={"source_checkpoint": str(args.checkpoint), "report": report})
         if args.onnx:
             onnx_rows[tag] = row["onnx"] = _onnx_row(deploy, qmodel, calib, out / tag, name)
             if "path" in row["onnx"]:  # the deployed graph scored like the others, and its distance from PyTorch's
