@@ -172,11 +172,26 @@ def test_unihcp_run_without_its_shards(place, digits_shards, monkeypatch, capsys
     assert (place["root"] / "pred" / "prediction.json").is_file()
     _ok(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(place["root"] / "unihcp-timm")], capsys)
     assert _adapt(run, digits_shards, place["root"] / "unihcp-adapt", capsys)
-    # --val named: without it UniHCP's quantize evaluates on the checkpoint recipe's data.val (the deleted
-    # training shards), not on the calibration data as `quantize --help` says (reported in issue 22)
+    # no --val: quantize evaluates on the calibration data it was given, never on the recipe's (deleted) data.val
     pose = str(eval_data / "pose" / "manifest.json")
-    _ok(["quantize", "--checkpoint", str(run), "--task", "pose", "--data", pose, "--val", pose, *QUANTIZE,
+    _ok(["quantize", "--checkpoint", str(run), "--task", "pose", "--data", pose, *QUANTIZE,
          "--out", str(place["root"] / "unihcp-quant")], capsys)
+    rows = json.loads((place["root"] / "unihcp-quant" / "results.json").read_text())
+    assert {r["eval"] for r in rows if r["method"] == "fp32"} == {pose}
+    row = next(r for r in rows if r["method"] == "rtn")
+    # the quantized model stands alone: moved, with the run it was quantized from deleted, it reloads and
+    # computes what the quantize command measured (its output error against the FP network)
+    from evaluation.unihcp_robustness import task_network
+    from foundation.quant.runner import load_quantized
+    from foundation.quant.unihcp import calibration_images, relative_error
+
+    _, _, cfg, deploy, _ = task_network(run, "pose")
+    deploy.packed = True
+    calib = calibration_images(pose, cfg, 16, 16)
+    quant = next((place["root"] / "unihcp-quant").rglob("quant.json")).parent
+    qmoved = _move(quant, place, "unihcp-int8", run)
+    again = load_quantized(qmoved)
+    assert relative_error(deploy, again, calib[:32]) == pytest.approx(row["output_rel_error"], rel=1e-4, abs=1e-7)
 
 
 
