@@ -156,10 +156,23 @@ def letterbox_resize(cfg, lib: str, method: str, antialias: bool | None = None):
 # the network
 
 
+def load_unihcp(checkpoint, task: str | None = None, device: str = "cpu") -> tuple[dict, object]:
+    """``{name: (UniHCPTask, DataConfig)}`` of a checkpoint's UniHCP tasks (``task`` keeps one), and its recipe;
+    ``ValueError`` with the choices when ``task`` is not one of them."""
+    from foundation.predict import unihcp_tasks
+
+    tasks, recipe = unihcp_tasks(checkpoint, device)
+    if task is not None:
+        if task not in tasks:
+            raise ValueError(f"--task {task!r}: this checkpoint's UniHCP tasks are {sorted(tasks)}")
+        tasks = {task: tasks[task]}
+    return tasks, recipe
+
+
 def task_network(checkpoint, task: str | None, device="cpu", data: str | None = None):
     """(task name, UniHCPTask, DataConfig, UniHCPDeploy, TaskOutputs) of one UniHCP task of a checkpoint: ``task``,
     or without it the one whose kind (pose, parsing, ...) the shards ``data`` hold."""
-    from foundation.models.unihcp_export import TaskOutputs, deploy_task, load_unihcp
+    from foundation.models.unihcp_export import TaskOutputs, deploy_task
 
     tasks, _ = load_unihcp(checkpoint, task, device)
     if len(tasks) > 1 and data:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from foundation.models.unihcp import DecoderLayer, UniHCPNet, grid_points
 
@@ -268,26 +267,16 @@ def deploy_task(task, data, packed: bool = False) -> UniHCPDeploy:
     return UniHCPDeploy(task.model, data.image_size, packed=packed)
 
 
-def load_unihcp(checkpoint, task: str | None = None, device: str = "cpu") -> tuple[dict, object]:
-    """``{name: (UniHCPTask, DataConfig)}`` of a checkpoint's UniHCP tasks (``task`` keeps one), and its recipe;
-    ``ValueError`` with the choices when ``task`` is not one of them."""
-    from foundation.predict import unihcp_tasks
-
-    tasks, recipe = unihcp_tasks(checkpoint, device)
-    if task is not None:
-        if task not in tasks:
-            raise ValueError(f"--task {task!r}: this checkpoint's UniHCP tasks are {sorted(tasks)}")
-        tasks = {task: tasks[task]}
-    return tasks, recipe
-
-
 def is_unihcp_checkpoint(checkpoint) -> bool:
     """Whether a checkpoint's recipe names a ``unihcp_*`` task (read from its recipe, no weights loaded)."""
-    from foundation.artefacts import load_artefact_recipe
     from foundation.checkpoint_io import resolve_checkpoint
+    from foundation.config import validate
+    from foundation.trust import check_recipe, read_artefact_yaml
 
-    try:
-        recipe = load_artefact_recipe(resolve_checkpoint(checkpoint))
+    try:  # what foundation.artefacts.load_artefact_recipe does (importing it here would close an import circle)
+        step = resolve_checkpoint(checkpoint)
+        file = step / "recipe.yaml"
+        recipe = validate(check_recipe(read_artefact_yaml(file), step, str(file)), str(file))
     except Exception:  # noqa: BLE001 - not a checkpoint this can read: the caller's own loading reports it
         return False
     names = [recipe.task.name] if recipe.tasks is None else [e.task.name for e in recipe.tasks.values()]
@@ -295,4 +284,4 @@ def is_unihcp_checkpoint(checkpoint) -> bool:
 
 
 __all__ = ["Attention", "DecoderBlock", "OUTPUTS", "OrtTask", "export_onnx", "TaskOutputs", "UniHCPDeploy", "UniHCPTensors", "deploy_task",
-           "is_unihcp_checkpoint", "load_unihcp"]
+           "is_unihcp_checkpoint"]
