@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from foundation.config import Recipe
+from foundation.trust import copy_hf_files
 
 FORMATS = ("open_clip", "timm")
 
@@ -48,10 +48,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-_NOT_BUNDLED = (  # weights (the export holds them) and code
-    ".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".py")
-
-
 def _bundle_hf_dirs(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """A Hugging Face text tower's directories (config and tokenizer files; no weights, which the export's
     safetensors hold, and no code) copied into the export. ``config`` (``<name>.json``, for open_clip on this
@@ -65,11 +61,7 @@ def _bundle_hf_dirs(config: dict[str, Any], out: Path) -> dict[str, Any]:
             continue
         src = Path(text[key]).resolve()
         if src not in copies:
-            dst = out / folder
-            dst.mkdir(exist_ok=True)
-            for f in src.iterdir():
-                if f.is_file() and not f.name.endswith(_NOT_BUNDLED):
-                    shutil.copyfile(f, dst / f.name)
+            copy_hf_files(src, out / folder)  # as training does into each checkpoint (foundation.trust)
             copies[src] = folder
         text[key] = str((out / copies[src]).resolve())
         portable_text[key] = copies[src]

@@ -7,7 +7,8 @@ reaches timm, open_clip, transformers or torch. The rules allow what is known an
 - model names are names this process registered locally (timm's registry, open_clip's bundled configs):
   plain identifiers, so no ``hf-hub:``, ``local-dir:``, URL or path can name a model;
 - model keyword arguments pass an allow-list per backbone family (``MODEL_KWARGS``), values plain data;
-- files an artefact names (a Hugging Face text tower, an INTERN expert) must lie inside the artefact;
+- files an artefact names (a Hugging Face text tower's directories) must lie inside the artefact; training and
+  export copy them in (``bundle_text_tower``, ``copy_hf_files``);
 - a recipe read from an artefact has no ``base:`` include;
 - outputs written by default go under the run directory (``output_under``).
 
@@ -18,9 +19,11 @@ docs/trust.md is the same list for users.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -263,25 +266,59 @@ def check_model_section(model: Any, root: Path, where: str) -> dict:
                 open_clip_name(text["open_clip"], f"{where}.dual_encoder.text.open_clip")
             if text.get("hf_type") is not None:
                 plain(text["hf_type"], f"{where}.dual_encoder.text.hf_type")
-            for key in ("hf_model", "hf_tokenizer"):
+            for key, _ in HF_TEXT_DIRS:  # copied into every step directory by training (bundle_text_tower)
                 if text.get(key) is not None:
-                    text[key] = str(local_path(text[key], root, f"{where}.dual_encoder.text.{key}", directory=True))
+                    at = f"{where}.dual_encoder.text.{key}"
+                    directory = inside(text[key], root, at)
+                    if not directory.is_dir():
+                        raise _refuse(at, f"{text[key]!r} is not a directory inside the checkpoint (nothing is "
+                                          "downloaded)")
+                    text[key] = str(directory)
             dual["text"] = text
         model["dual_encoder"] = dual
     return model
 
 
-def local_path(path: Any, root: Path, where: str, directory: bool = False) -> Path:
-    """A file or directory a checkpoint names that is not (yet) bundled into it: an existing local path, no
-    hub id, URL or ``scheme:``. Relative: inside the artefact. An absolute one is where the run was trained
-    on this machine, read as data only (safetensors, ``local_files_only``, no remote code); docs/trust.md
-    lists which artefacts still name one."""
-    if not isinstance(path, str) or not path or "://" in path or ":" in path.split("/")[0]:
-        raise _refuse(where, f"{path!r} is not a local path")
-    p = inside(path, root, where) if not Path(path).is_absolute() else Path(path).resolve()
-    if not (p.is_dir() if directory else p.exists()):
-        raise _refuse(where, f"{path!r} is not a local {'directory' if directory else 'path'} (nothing is downloaded)")
-    return p
+# a Hugging Face text tower's directories in a recipe -> the folder an artefact holds their copy in
+HF_TEXT_DIRS = (("hf_model", "hf_text_model"), ("hf_tokenizer", "hf_tokenizer"))
+_NOT_BUNDLED = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".py")  # weights and code
+
+
+def copy_hf_files(src: Path, dst: Path) -> None:
+    """A Hugging Face directory's config and tokenizer files copied into ``dst``: no weights (the artefact's
+    own safetensors hold them) and no code."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if Path(src).resolve() == dst.resolve():
+        return
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.endswith(_NOT_BUNDLED):
+            shutil.copyfile(f, dst / f.name)
+
+
+def bundle_text_tower(recipe: str | dict, root: Path) -> str | dict:
+    """A resolved recipe (YAML text or plain data, returned the same way) whose Hugging Face text tower
+    directories (``model.dual_encoder.text.hf_model`` / ``hf_tokenizer``) are copied into ``root``
+    (``copy_hf_files``) and named relative to it, so a checkpoint or a quantized tower rebuilds from inside
+    itself (``check_model_section`` reads no other directory)."""
+    text_form = isinstance(recipe, str)
+    if text_form and "hf_model" not in recipe and "hf_tokenizer" not in recipe:
+        return recipe
+    recipe_yaml = recipe
+    recipe = yaml.safe_load(recipe) if text_form else copy.deepcopy(recipe)
+    dual = ((recipe or {}).get("model") or {}).get("dual_encoder") or {}
+    text = dual.get("text") or {}
+    copies: dict[Path, str] = {}
+    for key, folder in HF_TEXT_DIRS:
+        if not text.get(key) or not Path(text[key]).expanduser().is_dir():
+            continue  # unset, or already missing: building the model says so
+        src = Path(text[key]).expanduser().resolve()
+        if src not in copies:
+            copy_hf_files(src, Path(root) / folder)
+            copies[src] = folder
+        text[key] = copies[src]
+    if not text_form:
+        return recipe
+    return yaml.safe_dump(recipe, sort_keys=False) if copies else recipe_yaml
 
 
 def check_recipe(data: dict, root: Path, where: str) -> dict:
@@ -357,4 +394,4 @@ def check_open_clip_config(cfg: Any, root: Path) -> dict:
 
 __all__ = ["ArtefactRefused", "HUB_OPT_IN", "MODEL_KWARGS", "check_model_section", "check_open_clip_config",
            "check_recipe", "check_timm_export", "hubs_offline", "inside", "model_kwargs", "open_clip_name",
-           "local_path", "output_under", "plain", "read_artefact_yaml", "sha256_of", "timm_name"]
+           "bundle_text_tower", "copy_hf_files", "output_under", "plain", "read_artefact_yaml", "sha256_of", "timm_name"]

@@ -151,6 +151,10 @@ def generalist_outside_experts(r, ckpt):
     r["model"]["kwargs"] = {"base": "vit_tiny_patch16_224", "experts": ["../../../outside-expert"]}
 
 
+def hf_text_tower_outside(r, ckpt):
+    r["model"]["dual_encoder"]["text"]["hf_tokenizer"] = os.environ["ATTACK_OUTSIDE"]  # an existing directory
+
+
 def impossible_size(r, ckpt):
     r["model"]["kwargs"]["stem_width"] = -4  # plain data the gate lets through; the model cannot take it
 
@@ -485,6 +489,8 @@ FAST_CASES = {
     "eval-classification/impossible-size": (impossible_size, ["eval", "classification", "--data", DATA],
                                             "does not build"),
     "eval-retrieval/hf-text-tower-id": (hf_text_tower, ["eval", "retrieval", "--data", DATA], "hf_model"),
+    "eval-zeroshot/hf-text-tower-outside-dir": (hf_text_tower_outside, ["eval", "zeroshot", "--data", DATA],
+                                                "lies outside"),
     "export/generalist-hub-base": (generalist_hub_base, ["export", "--format", "timm", "--out", "{out}"],
                                    "kwargs.base"),
     "predict/impossible-size": (impossible_size, ["predict", "--image", "{image}", "--out", "{out}"],

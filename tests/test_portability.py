@@ -224,3 +224,39 @@ def test_intern_generalist_without_its_experts(place, digits_shards, monkeypatch
          "--out", str(place["root"] / "g-quant")], capsys)
     export = _move(place["root"] / "g-timm", place, "g-timm")
     assert _adapt(export, digits_shards, place["root"] / "g-timm-adapt", capsys)
+
+
+def test_clip_run_with_a_hugging_face_text_tower_directory(place, monkeypatch, capsys):
+    """Each checkpoint holds a copy of the tower directory's config and tokenizer files (its weights are the
+    checkpoint's), named relative to it: the run, its open_clip export and its quantized text tower work with
+    the directory the run was trained from deleted."""
+    from test_hf_text import write_tiny_bert
+
+    from foundation.models.dual_encoder import HFTokenizer
+    from foundation.quant.runner import load_quantized
+
+    bert = write_tiny_bert(place["root"] / "tiny-bert")
+    data = write_caption_shards(place["root"] / "hf-clip-shards")
+    recipe = clip_recipe(data, place["root"] / "runs", "hfclip", task="clip", data={"two_view": False},
+                         train={"steps": 3, "evals": []})
+    recipe["model"]["dual_encoder"]["text"] = {"hf_model": str(bert), "hf_tokenizer": str(bert), "context_length": 12}
+    summary = train(validate(recipe))
+    step = Path(summary["checkpoint"])
+    saved = yaml.safe_load((step / "recipe.yaml").read_text())["model"]["dual_encoder"]["text"]
+    assert saved["hf_model"] == saved["hf_tokenizer"] == "hf_text_model"
+    assert (step / "hf_text_model" / "config.json").is_file() and not list((step / "hf_text_model").glob("*.safetensors"))
+    run = _move(Path(summary["run_dir"]), place, "hfclip", data, bert)
+    monkeypatch.chdir(place["elsewhere"])
+    zs = _json_out(["eval", "zeroshot", "--checkpoint", str(run), "--data", str(place["captions"])], capsys)
+    assert zs["samples"] > 0
+    _ok(["export", "--checkpoint", str(run), "--format", "open_clip", "--out", str(place["root"] / "hfclip-oc")],
+        capsys)
+    _ok(["quantize", "--checkpoint", str(run), "--data", str(place["captions"]), *QUANTIZE,
+         "--out", str(place["root"] / "hfclip-quant")], capsys)
+    export = _move(place["root"] / "hfclip-oc", place, "hfclip-oc")
+    assert _adapt(export, place["captions"], place["root"] / "hfclip-oc-adapt", capsys)
+    text = next(p for p in (place["root"] / "hfclip-quant").rglob("quant.json") if p.parent.name == "text").parent
+    qmoved = _move(text, place, "hfclip-int8-text", run)
+    tower = load_quantized(qmoved)
+    tokens = HFTokenizer(qmoved / "hf_text_model", 12)(["a photo of a square."])
+    assert tower(tokens).shape[0] == 1

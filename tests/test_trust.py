@@ -177,6 +177,33 @@ def test_checkpoint_recipe_model_section_is_gated(tmp_path):
             check_recipe({"model": model}, tmp_path, "r")
 
 
+def test_a_checkpoint_names_its_hf_text_tower_inside_itself(tmp_path):
+    """Training copies a Hugging Face text tower's config and tokenizer files (no weights, no code) into each
+    checkpoint and names them relative to it; the gate reads such a directory only inside the checkpoint."""
+    from foundation.trust import bundle_text_tower
+
+    tower, step, outside = tmp_path / "bert", tmp_path / "step_3", tmp_path / "elsewhere"
+    for d in (tower, step, outside):
+        d.mkdir()
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors", "pytorch_model.bin",
+                 "modeling_evil.py"):
+        (tower / name).write_text("{}")
+    raw = {"model": {"backbone": "resnet10t", "dual_encoder": {"text": {"hf_model": str(tower),
+                                                                        "hf_tokenizer": str(tower)}}}}
+    saved = yaml.safe_load(bundle_text_tower(yaml.safe_dump(raw), step))
+    assert saved["model"]["dual_encoder"]["text"] == {"hf_model": "hf_text_model", "hf_tokenizer": "hf_text_model"}
+    assert sorted(p.name for p in (step / "hf_text_model").iterdir()) == ["config.json", "tokenizer_config.json",
+                                                                         "vocab.txt"]
+    text = check_recipe(saved, step, "r")["model"]["dual_encoder"]["text"]
+    assert text["hf_model"] == text["hf_tokenizer"] == str((step / "hf_text_model").resolve())
+    assert bundle_text_tower("model: {backbone: resnet10t}\n", step) == "model: {backbone: resnet10t}\n"
+    # a directory outside the checkpoint (absolute or ../), or one that is not there, is refused
+    for path, match in ((str(outside), "lies outside"), ("../elsewhere", "lies outside"),
+                        ("hf_tokenizer", "not a directory inside")):
+        with pytest.raises(ArtefactRefused, match=match):
+            check_recipe({"model": {"backbone": "resnet10t", "dual_encoder": {"text": {"hf_model": path}}}}, step, "r")
+
+
 def test_a_model_init_source_run_passes_the_gate_too(tmp_path):
     """model.init from a run reads only the source's task layout and weights, but its recipe is gated all the
     same: a crafted source run is refused as every other command refuses it."""

@@ -9,6 +9,7 @@ Layout of ``runs/<name>/checkpoints/step_<N>/``::
     state.pt            optimizer, scheduler, scaler, per-rank RNG and data positions, step, counters;
                         plain tensors and containers only: loaded with torch.load(weights_only=True)
     recipe.yaml         the resolved recipe
+    hf_text_model/      a Hugging Face text tower's config and tokenizer files, named relative in recipe.yaml
     deepspeed/          DeepSpeed's own files (DeepSpeed runs only)
     dcp/                the weights' and optimizer's shards (FSDP2 runs only; torch.distributed.checkpoint)
 
@@ -40,6 +41,7 @@ from foundation.checkpoint_io import (
     read_tensors, resolve_checkpoint, safe_torch_load,
 )
 from foundation.engine.distributed import barrier, broadcast_object
+from foundation.trust import bundle_text_tower
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +116,8 @@ def save_checkpoint(
         for name, tensors in (extra_files or {}).items():
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / name))
         torch.save(state, tmp / "state.pt")
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        # a Hugging Face text tower's config and tokenizer files go with each checkpoint (foundation.trust)
+        (tmp / "recipe.yaml").write_text(bundle_text_tower(recipe_yaml, tmp))
     barrier()
     if is_main:
         _fsync_dir(tmp)

@@ -137,6 +137,10 @@ def save_quantized(qmodel: nn.Module, path: str | Path, arch: dict, extra: dict 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
+    if isinstance(arch.get("recipe"), dict):  # a Hugging Face text tower's config and tokenizer go with it
+        from foundation.trust import bundle_text_tower
+
+        arch = {**arch, "recipe": bundle_text_tower(arch["recipe"], tmp)}
     state = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     meta = {"format": FORMAT_VERSION, "arch": arch, **qmodel.quant_meta,
