@@ -280,3 +280,21 @@ def test_fsdp2_two_task_clip_mix_equals_one_process(tmp_path, fmnist_shards):
     for step in (1, 2, 3):
         for key in ("train/loss", "train/fmnist/loss", "train/captions/loss", "train/grad_norm"):
             assert abs(ma[step][key] - mb[step][key]) <= 1e-5 * abs(mb[step][key]), (step, key)
+
+
+@pytest.mark.slow
+def test_fsdp2_one_process_matches_single_and_activation_checkpointing_changes_nothing(tmp_path, digits_shards):
+    """FSDP2 forced on one process (a one-rank group: the shards are the whole tensors) trains bitwise as the
+    plain loop does, gradient clipping included (the norm is torch's, taken over the shards); recomputing the
+    blocks in backward (activation checkpointing) changes nothing either."""
+    from foundation.config import validate
+    from foundation.train import train
+
+    runs = {}
+    for name, parallel in (("single", {}), ("fsdp", {"backend": "fsdp2"}),
+                           ("fsdp_ac", {"backend": "fsdp2", "activation_checkpointing": True})):
+        train(validate(tiny_recipe(digits_shards, tmp_path, name, model=TINY_VIT, parallel=parallel,
+                                   train={"steps": 3, "eval_every": 3, "clip_grad": 1.0})))
+        runs[name] = tmp_path / name / "checkpoints/step_3/model.safetensors"
+    assert _max_diff(runs["fsdp"], runs["single"]) == 0.0
+    assert _max_diff(runs["fsdp"], runs["fsdp_ac"]) == 0.0

@@ -158,12 +158,14 @@ class FSDPEngine(Engine):
             flat /= dist.get_world_size()
             for g, v in zip(whole, torch._utils._unflatten_dense_tensors(flat, whole)):
                 g.copy_(v)
-        norm = _total_norm([p.grad for p in params])
-        if clip and math.isfinite(norm):
-            coef = min(clip / (norm + 1e-6), 1.0)
-            if coef < 1.0:
-                for p in params:
-                    p.grad.mul_(coef)
+        sharded = [p for p in params if isinstance(p.grad, DTensor)]
+        whole_params = [p for p in params if not isinstance(p.grad, DTensor)]
+        total = _total_norm([p.grad for p in sharded], [p.grad for p in whole_params])
+        norm = float(total)
+        if clip and math.isfinite(norm):  # as clip_grad_norm_ does for the other backends, on the shards
+            for group in (sharded, whole_params):
+                if group:
+                    nn.utils.clip_grads_with_norm_(group, clip, total)
         if math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,19 +208,19 @@ class FSDPEngine(Engine):
         return h.hexdigest()
 
 
-def _total_norm(grads: list[Tensor]) -> float:
-    """The 2-norm of the full gradient (collective), in float64: shards summed over ranks, whole tensors
-    (the same on every rank) counted once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if isinstance(g, DTensor):
-            sharded += g.to_local().detach().double().pow(2).sum().cpu()
-        else:
-            whole += g.detach().double().pow(2).sum().cpu()
-    if dist.is_initialized():
-        dist.all_reduce(sharded)
-    return float((sharded + whole).sqrt())
+def _total_norm(sharded: list[Tensor], whole: list[Tensor]) -> Tensor:
+    """The 2-norm of the full gradient (collective) as ``clip_grad_norm_`` computes it: the norm of the
+    per-tensor norms in fp32, a sharded tensor's norm reduced over its shards; whole tensors (the same on every
+    rank) counted once."""
+    norms = []
+    if sharded:
+        n = nn.utils.get_total_norm(sharded, 2.0)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if whole:
+        norms.append(nn.utils.get_total_norm(whole, 2.0))
+    if not norms:
+        return torch.zeros(())
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def load_sharded(task: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
