@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,11 +205,14 @@ def _open_clip_backbone(path: Path, feature: str, image_size: int | None) -> Bac
     _check_feature(feature, FEATURES, "an open_clip model")
     name = f"foundation-adapt-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     open_clip.factory._MODEL_CONFIGS[name] = config["model_cfg"]  # local config only: nothing from a hub
+    quiet = logging.root.manager.disable
+    logging.disable(logging.INFO)  # open_clip logs each build step on the root logger: a refusal stays one line
     try:
         model = open_clip.create_model(name, pretrained=str(weights), weights_only=True)
     except (*BUILD_ERRORS, SafetensorError) as e:  # sizes the gate let through but open_clip cannot build or load
         raise does_not_build(path / "open_clip_config.json", e) from None
     finally:
+        logging.disable(quiet)
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
     model.eval()
     pc = config.get("preprocess_cfg", {})
