@@ -275,7 +275,7 @@ def test_distilled_student_is_a_plain_timm_model(pipeline_run, digits_shards, tm
     state = load_file(str(ckpt / "model.safetensors"))
     student = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **VIT_KW)
     student.load_state_dict(state, strict=True)
-    model, _ = load_model(ckpt)
+    model, recipe = load_model(ckpt)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(student.eval()(x), model(x))
@@ -290,10 +290,24 @@ def test_distilled_student_is_a_plain_timm_model(pipeline_run, digits_shards, tm
     assert main(["eval", "robustness", "--checkpoint", str(ckpt), "--data", val, "--max-samples", "16",
                  "--corruptions", "gaussian_noise", "--severities", "1", "--attacks", "none", "--workers", "0",
                  "--out", str(tmp_path / "rob"), "--quiet"]) == 0
-    assert json.loads((tmp_path / "rob" / "robustness.json").read_text())
+    robustness = json.loads((tmp_path / "rob" / "robustness.json").read_text())
+    assert robustness["samples"] == 16 and robustness["pipeline_matches_training"] is True
+    assert robustness["clean_accuracy"] == pytest.approx(100 * _top1(model, recipe.data, val, 16), abs=1e-6)
     assert main(["quantize", "--checkpoint", str(ckpt), "--data", val, "--method", "rtn", "--wbits", "8",
                  "--abits", "8", "--calib-images", "16", "--val-images", "32", "--out", str(tmp_path / "q")]) == 0
-    assert (tmp_path / "q" / "results.json").is_file()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "q" / "results.json").read_text())}
+    assert rows["rtn"]["eval_images"] == 16  # no --val: scored on the 16 calibration images
+    assert rows["fp32"]["top1"] == pytest.approx(_top1(model, recipe.data, val, 16), abs=1e-6)
+    assert rows["rtn"]["bits"] == "W8A8" and rows["rtn"]["agreement_fp"] >= 0.8  # W8A8 keeps most predictions
+
+
+def _top1(model: torch.nn.Module, data, shards: str, n: int) -> float:
+    """Top-1 of ``model`` on the first ``n`` samples of ``shards`` through the eval transform of ``data``."""
+    from foundation.data.shards import build_eval_loader
+
+    batch = next(iter(build_eval_loader(shards, data, batch_size=n, split="val")))
+    with torch.no_grad():
+        return (model(batch["image"]).argmax(1) == batch["label"]).float().mean().item()
 
 
 @pytest.mark.slow
