@@ -38,7 +38,7 @@ def _batches(model: nn.Module, loader: Iterable[dict], device, max_batches: int 
         if max_batches is not None and i >= max_batches:
             break
         images = batch["image"].to(device, non_blocking=True)
-        yield model(images)[-1], batch["targets"], images.shape[-1]
+        yield model(images)[-1], batch["targets"], tuple(images.shape[-2:])
 
 
 def flip_back(maps: Tensor, pairs: list, stride: float) -> Tensor:
@@ -78,7 +78,7 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
         if max_batches is not None and i_batch >= max_batches:
             break
         images = batch["image"].to(device, non_blocking=True)
-        out, t, size = model(images)[-1], batch["targets"], images.shape[-1]
+        out, t, size = model(images)[-1], batch["targets"], images.shape[-1]  # width: one stride for both axes
         maps = out["maps"].float().cpu()
         vis = out["logits"].float().cpu().sigmoid()
         if pairs is not None:
@@ -116,14 +116,17 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
 
 
 @torch.no_grad()
-def to_source_maps(maps: Tensor, scale: float, offset: Tensor, src_hw: tuple[int, int], size: int) -> Tensor:
-    """Maps (C, h, w) over a ``size``-square letterboxed input → (C, H, W) at the source resolution: each source
-    pixel centre read (bilinear) at its place in the input (input = scale * (x + 0.5) + offset - 0.5)."""
+def to_source_maps(maps: Tensor, scale: float, offset: Tensor, src_hw: tuple[int, int],
+                   size: int | tuple[int, int]) -> Tensor:
+    """Maps (C, h, w) over a ``size``-square (or (height, width)) letterboxed input → (C, H, W) at the source
+    resolution: each source pixel centre read (bilinear) at its place in the input (input = scale * (x + 0.5)
+    + offset - 0.5)."""
     hh, ww = src_hw
+    in_h, in_w = (size, size) if isinstance(size, int) else size
     xs = scale * (torch.arange(ww, dtype=torch.float32) + 0.5) + float(offset[0]) - 0.5
     ys = scale * (torch.arange(hh, dtype=torch.float32) + 0.5) + float(offset[1]) - 0.5
-    gx = (2 * (xs + 0.5) / size - 1)[None, :].expand(hh, ww)  # align_corners=False over the input's extent
-    gy = (2 * (ys + 0.5) / size - 1)[:, None].expand(hh, ww)
+    gx = (2 * (xs + 0.5) / in_w - 1)[None, :].expand(hh, ww)  # align_corners=False over the input's extent
+    gy = (2 * (ys + 0.5) / in_h - 1)[:, None].expand(hh, ww)
     grid = torch.stack([gx, gy], -1)[None].to(maps)
     return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
@@ -144,7 +147,7 @@ def evaluate_parsing(model: nn.Module, loader: Iterable[dict], device="cpu",
         src_maps = t.get("src_label_map")
         original = original and src_maps is not None
         if src_maps is None:
-            maps = F.interpolate(out["maps"].float(), size=(size, size), mode="bilinear", align_corners=False)
+            maps = F.interpolate(out["maps"].float(), size=size, mode="bilinear", align_corners=False)
             pred = parsing_prediction(out["logits"].float(), maps).cpu().numpy()
             pairs = zip(pred, t["label_map"].numpy())
         else:
@@ -224,7 +227,8 @@ def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
     images = []
     for out, t, size in _batches(model, loader, device, max_batches):
         scores = out["logits"].float().sigmoid().cpu()
-        boxes = box_convert(out["boxes"].float().cpu() * size, "cxcywh", "xyxy")  # input pixels
+        scale = torch.tensor([size[1], size[0], size[1], size[0]], dtype=torch.float32)  # [0, 1] per axis -> pixels
+        boxes = box_convert(out["boxes"].float().cpu() * scale, "cxcywh", "xyxy")  # input pixels
         src = _to_source(boxes.view(len(boxes), -1, 2), t).view_as(boxes)
         for i in range(len(scores)):
             top = torch.nonzero(scores[i] >= score_threshold).flatten()

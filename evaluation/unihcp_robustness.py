@@ -141,11 +141,11 @@ def letterbox_resize(cfg, lib: str, method: str, antialias: bool | None = None):
 
     def fn(rgb: np.ndarray, targets: dict) -> Tensor:
         s, (ox, oy) = float(targets["scale"]), (float(v) for v in targets["offset"])
-        size = cfg.image_size
+        in_h, in_w = cfg.input_hw
         h, w = rgb.shape[:2]
-        nh, nw = max(1, min(size, round(h * s))), max(1, min(size, round(w * s)))
-        x0, y0 = max(0, min(size - nw, round(ox))), max(0, min(size - nh, round(oy)))
-        canvas = np.zeros((size, size, 3), np.uint8)
+        nh, nw = max(1, min(in_h, round(h * s))), max(1, min(in_w, round(w * s)))
+        x0, y0 = max(0, min(in_w - nw, round(ox))), max(0, min(in_h - nh, round(oy)))
+        canvas = np.zeros((in_h, in_w, 3), np.uint8)
         canvas[y0:y0 + nh, x0:x0 + nw] = resize(rgb, nh, nw, lib, method, antialias)
         return _normalise(canvas, cfg)
 
@@ -387,7 +387,7 @@ def evaluate_unihcp_sysnoise(checkpoint, spec: str, task: str | None = None, *, 
 
                 low = copy.deepcopy(deploy).to(dtype)
                 try:
-                    low(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=dtype, device=device))
+                    low(torch.zeros(1, 3, *cfg.input_hw, dtype=dtype, device=device))
                 except RuntimeError as e:
                     raise Unavailable(f"{dtype} inference on {device}: {str(e).splitlines()[0]}") from None
                 fn = lambda x: tuple(o.float() for o in low(x.to(dtype)))  # noqa: E731

@@ -56,7 +56,9 @@ class DataConfig(Section):
     train: str | None = None
     val: str | None = None
     weights: list[float] | None = None
-    image_size: int = Field(224, gt=0)
+    # one side of a square input, or with data.human a rectangle [height, width] (UniHCP's released
+    # aspect-preserving inputs: pose 256 x 192, ReID 256 x 128); ``input_hw`` gives (height, width) either way
+    image_size: int | tuple[int, int] = 224
     in_chans: Literal[1, 3] = 3  # images are converted to L (1) or RGB (3)
     mean: tuple[float, ...] | None = None  # None: ImageNet statistics
     std: tuple[float, ...] | None = None
@@ -77,6 +79,21 @@ class DataConfig(Section):
     # ReID P x K batches with data.human: each training sample brings K - 1 more images of its identity (drawn
     # from the train split's shards), so a batch of P samples holds P identities x K images. 1: off
     id_instances: int = Field(1, ge=1)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the network's input: ``image_size`` squared, or the rectangle as written."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @model_validator(mode="after")
+    def _image_size_shape(self) -> DataConfig:
+        if any(v <= 0 for v in self.input_hw):
+            raise ValueError(f"data.image_size: {self.image_size} must be positive")
+        if not isinstance(self.image_size, int) and not self.human:
+            raise ValueError("data.image_size: a [height, width] rectangle is read by human-centric data only "
+                             "(data.human: true); other tasks take one side of a square")
+        return self
 
     @model_validator(mode="after")
     def _weights_match_sources(self) -> DataConfig:

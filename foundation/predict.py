@@ -62,7 +62,7 @@ def predict_image(tasks: dict, image: Image.Image, device: str = "cpu", score_th
     results = {}
     for name, (task, data) in tasks.items():
         x, s, offset = letterbox_image(image, data)
-        size = x.shape[-1]
+        size, (in_h, in_w) = x.shape[-1], x.shape[-2:]  # width: one stride for both axes
         out = task.model(x[None].to(device))[-1]
         kind, meta = task.kind, task.meta
         res: dict = {"kind": kind}
@@ -73,12 +73,12 @@ def predict_image(tasks: dict, image: Image.Image, device: str = "cpu", score_th
                                 zip(src.tolist(), out["logits"][0].sigmoid().tolist())]
             res["names"], res["skeleton"] = meta.get("keypoint_names"), meta.get("skeleton")
         elif kind == "parsing":
-            maps = F.interpolate(out["maps"].float(), size=(size, size), mode="bilinear", align_corners=False)
+            maps = F.interpolate(out["maps"].float(), size=(in_h, in_w), mode="bilinear", align_corners=False)
             label = parsing_prediction(out["logits"].float(), maps)[0].cpu().numpy().astype(np.uint8)
             # back to the source image: crop the letterbox and resize (nearest)
             x0, y0 = (int(round(v)) for v in offset)
             x1, y1 = int(round(offset[0] + s * image.width)), int(round(offset[1] + s * image.height))
-            crop = Image.fromarray(label[max(y0, 0):min(y1, size), max(x0, 0):min(x1, size)])
+            crop = Image.fromarray(label[max(y0, 0):min(y1, in_h), max(x0, 0):min(x1, in_w)])
             res["label_map"] = np.asarray(crop.resize(image.size, Image.Resampling.NEAREST))
             res["class_names"] = meta.get("class_names")
         elif kind == "attributes":
@@ -90,7 +90,8 @@ def predict_image(tasks: dict, image: Image.Image, device: str = "cpu", score_th
             from torchvision.ops import box_convert, nms
 
             scores = out["logits"][0].float().sigmoid().cpu()
-            boxes = box_convert(out["boxes"][0].float().cpu() * size, "cxcywh", "xyxy")
+            scale = torch.tensor([in_w, in_h, in_w, in_h], dtype=torch.float32)  # [0, 1] per axis -> pixels
+            boxes = box_convert(out["boxes"][0].float().cpu() * scale, "cxcywh", "xyxy")
             boxes = (boxes.view(-1, 2, 2) - torch.tensor(offset, dtype=torch.float32)) / s
             boxes = boxes.view(-1, 4)
             keep = nms(boxes, scores, 0.5)[:max_boxes]

@@ -134,3 +134,8 @@ def test_layer_decay_and_optimizer(recipe):
     assert (g["momentum"], g["beta2_cap"], g["clipping_threshold"], g["decay_rate"]) == (
         ro["beta1"], ro["clip_beta2"], ro["clip_threshold"], -ro["decay_rate"])
     assert g["weight_decay"] in (0.0, ro["weight_decay"]) and not g.get("unscaled_wd", False)
+
+
+def test_inputs_keep_the_released_aspect_ratios(recipe):
+    for name, hw in RELEASE["inputs"].items():
+        assert recipe.tasks[name].data.input_hw == tuple(hw), name

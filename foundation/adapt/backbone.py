@@ -142,7 +142,8 @@ def _multitask_backbone(ckpt: Path, feature: str, image_size: int | None) -> Bac
     whole, _, recipe = load_task(ckpt)
     data = next(iter(recipe.tasks.values())).data
     mean, std = normalization(data)
-    pre = {"image_size": image_size or data.image_size, "in_chans": data.in_chans, "mean": list(mean),
+    side = data.image_size if isinstance(data.image_size, int) else max(data.input_hw)  # a UniHCP task's rectangle
+    pre = {"image_size": image_size or side, "in_chans": data.in_chans, "mean": list(mean),
            "std": list(std), "interpolation": data.augment.interpolation, "crop_pct": data.augment.crop_pct}
     m = recipe.model
     arch = {"backbone": m.backbone, "img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans,

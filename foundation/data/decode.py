@@ -44,7 +44,8 @@ class Decoder:
         self.image_keys = _keys(cfg.image_key)
         self.label_keys = _keys(cfg.label_key)
         self.text_keys = _keys(cfg.text_key)
-        self.transform = build_train_transform(cfg) if train else build_eval_transform(cfg)
+        # human-centric samples have their own letterbox (and may name a [height, width] rectangle)
+        self.transform = None if cfg.human else build_train_transform(cfg) if train else build_eval_transform(cfg)
 
     def __call__(self, sample: dict) -> dict:
         if self.cfg.human:  # human-centric targets, augmented with the image (UniHCP)

@@ -2,19 +2,20 @@
 augmentation applied to the image and its targets alike.
 
 ``decode_human_sample(sample, cfg, train)`` is what the shard reader's decoder calls when
-``data.human`` is set. Every kind is letterboxed to a ``data.image_size`` square (aspect kept, the rest
-black), so one affine map ``x' = s·x + o`` takes source pixels to input pixels; training adds a scale
+``data.human`` is set. Every kind is letterboxed to ``data.image_size`` (aspect kept, the rest black): a
+square, or a ``[height, width]`` rectangle (``data.input_hw``: UniHCP's released pose 256×192, ReID 256×128
+inputs), so one affine map ``x' = s·x + o`` (one scale for both axes) takes source pixels to input pixels; training adds a scale
 jitter (×0.75-1.25 about the centre, as UniHCP's pose/parsing pipelines) and a horizontal flip (p =
 ``data.augment.hflip``) that also swaps left/right keypoints and parsing classes (pairs from the
 manifest's names). Random numbers come from Python's / numpy's global generators, which the reader
 reseeds per sample from its position in the stream, so augmentation is exact across resumes.
 
-Output ``{"key", "image": (3, S, S) float normalised, "targets": {...}}``; the targets per kind:
+Output ``{"key", "image": (3, H, W) float normalised, "targets": {...}}`` (H × W the input size); the targets per kind:
 
 | kind | targets |
 |---|---|
 | pose | ``keypoints`` (K, 3) input pixels + v (0 after leaving the image), ``src_keypoints`` (K, 3), ``box`` (4,) xywh source, ``area`` |
-| parsing | ``label_map`` (S, S) long, 255 = ignore (padding included) |
+| parsing | ``label_map`` (H, W) long, 255 = ignore (padding included) |
 | attributes | ``attributes`` (A,) long: 1 / 0 / -1 |
 | reid | ``label`` (training id index, -1 off the training split), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery) |
 | parsing (evaluation) | ``src_label_map`` (H, W) uint8: the label map at the source resolution |
@@ -128,18 +129,25 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def _affine(w: int, h: int, size: int, train: bool) -> tuple[float, np.ndarray]:
-    """Letterbox (w, h) into size × size, with a random scale about the centre when training."""
-    s = size / max(w, h)
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _affine(w: int, h: int, size: int | tuple[int, int], train: bool) -> tuple[float, np.ndarray]:
+    """Letterbox (w, h) into size × size (or a (height, width) rectangle), with a random scale about the
+    centre when training."""
+    th, tw = _hw(size)
+    s = th / max(w, h) if th == tw else min(th / h, tw / w)  # the square's own expression, bit for bit
     if train:
         s *= random.uniform(*SCALE_JITTER)
-    offset = np.array([(size - s * w) / 2, (size - s * h) / 2], np.float64)
+    offset = np.array([(tw - s * w) / 2, (th - s * h) / 2], np.float64)
     return s, offset
 
 
-def _warp(img: Image.Image, s: float, offset: np.ndarray, size: int, resample, fill) -> Image.Image:
+def _warp(img: Image.Image, s: float, offset: np.ndarray, size: int | tuple[int, int], resample, fill) -> Image.Image:
     # PIL's affine maps output pixels to input pixels: x_in = (x_out - o) / s
-    return img.transform((size, size), Image.Transform.AFFINE, (1 / s, 0, -offset[0] / s, 0, 1 / s, -offset[1] / s),
+    th, tw = _hw(size)
+    return img.transform((tw, th), Image.Transform.AFFINE, (1 / s, 0, -offset[0] / s, 0, 1 / s, -offset[1] / s),
                          resample=resample, fillcolor=fill)
 
 
@@ -160,6 +168,7 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
     info = _manifest_task(str(sample.get("__url__", "")))
     kind = _kind(sample, info)
     size = cfg.image_size
+    th, tw = _hw(size)
     img = _image(sample, [k for k in cfg.image_key.split(";") if k])
     w, h = img.size
     s, offset = _affine(w, h, size, train)
@@ -181,11 +190,11 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
         out = kps.copy()
         out[:, :2] = fwd(kps[:, :2]) + 0.5 * s - 0.5  # pixel centres
         if flip:
-            out[:, 0] = size - 1 - out[:, 0]
+            out[:, 0] = tw - 1 - out[:, 0]
             pairs = info.get("flip_pairs") or (flip_pairs(COCO_KEYPOINTS) if len(kps) == 17 else [])
             for a, b in pairs:
                 out[[a, b]] = out[[b, a]]
-        inside = (out[:, 0] >= 0) & (out[:, 0] < size) & (out[:, 1] >= 0) & (out[:, 1] < size)
+        inside = (out[:, 0] >= 0) & (out[:, 0] < tw) & (out[:, 1] >= 0) & (out[:, 1] < th)
         out[~inside, 2] = 0
         targets.update(keypoints=torch.tensor(out, dtype=torch.float32),
                        src_keypoints=torch.tensor(kps, dtype=torch.float32),
@@ -260,8 +269,8 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
             xyxy = _xywh_to_xyxy(b)
             xyxy = np.concatenate([fwd(xyxy[:, :2]), fwd(xyxy[:, 2:])], 1)
             if flip:
-                xyxy = np.stack([size - xyxy[:, 2], xyxy[:, 1], size - xyxy[:, 0], xyxy[:, 3]], 1)
-            return np.clip(xyxy, 0, size)
+                xyxy = np.stack([tw - xyxy[:, 2], xyxy[:, 1], tw - xyxy[:, 0], xyxy[:, 3]], 1)
+            return np.clip(xyxy, 0, np.array([tw, th, tw, th], np.float64))
 
         boxes, ignore = place(src_boxes), place(src_ignore)
         keep = ((boxes[:, 2] - boxes[:, 0]) > 1) & ((boxes[:, 3] - boxes[:, 1]) > 1)
@@ -275,7 +284,7 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
 
 
 def letterbox_image(img: Image.Image, cfg: DataConfig) -> tuple[torch.Tensor, float, np.ndarray]:
-    """An image as evaluation sees it: letterboxed to ``data.image_size`` and normalised, (3, S, S), with the
+    """An image as evaluation sees it: letterboxed to ``data.image_size`` and normalised, (3, H, W), with the
     scale and offset that map source pixels to input pixels (``foundation predict``)."""
     img = img.convert("RGB")
     s, offset = _affine(img.width, img.height, cfg.image_size, train=False)

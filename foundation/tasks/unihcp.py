@@ -7,7 +7,7 @@ UniHCP task with its ``task.unihcp`` sizes; the others must agree) through ``Sha
 references, so the only parameters a task owns are its queries (and detection's box MLP, ReID's
 BN + classifier). A single-task recipe builds its own encoder and decoder (fine-tuning one task).
 
-Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, S, S) and
+Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, H, W) (``data.image_size``: a square or a rectangle) and
 ``targets`` (foundation/data/human_transforms.py). The loss sums every supervised decoder layer's loss
 (deep supervision: as released, every layer and the initial prediction for pose, parsing and detection,
 the last layer for attributes and ReID); the logged terms are the last layer's.
@@ -86,6 +86,10 @@ class UniHCPTask(nn.Module):
         own = backbone is None
         encoder = create_backbone(model.model_copy(update={"num_classes": 0}), in_chans=data.in_chans) if own else backbone
         width = _encoder_width(encoder)
+        patch = tuple(getattr(encoder.patch_embed, "patch_size", (1, 1)))
+        if not isinstance(data.image_size, int) and any(v % p for v, p in zip(data.input_hw, patch)):
+            raise RecipeError(f"task {task.name}: data.image_size {list(data.input_hw)} must be a multiple of the "
+                              f"ViT's {patch[0]} x {patch[1]} patch (the token grid and the stride-4 maps follow it)")
         if cfg.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
         sizes = {f: getattr(cfg, f) for f in DECODER_FIELDS}
@@ -262,8 +266,9 @@ class UniHCPDetection(UniHCPTask):
         return cfg.det_anchors
 
     def prepare(self, batch, out):
-        t, size = batch["targets"], float(batch["image"].shape[-1])
+        t, (h, w) = batch["targets"], batch["image"].shape[-2:]
         dev = batch["image"].device
+        size = torch.tensor([w, h, w, h], dtype=torch.float32, device=dev)  # xyxy input pixels -> [0, 1] per axis
         return {"boxes": [b.to(dev) / size for b in t["boxes"]], "ignore": [b.to(dev) / size for b in t["ignore"]]}
 
     def layer_loss(self, out, targets):
