@@ -365,8 +365,9 @@ def test_deepspeed_zero2_runs_mix_and_sample(digits_shards, parity_shards, tmp_p
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.loads((tmp_path / "s.rank0.json").read_text())
     assert summary["nonfinite_steps"] == 0 and summary["steps"] == 6
-    metrics = read_metrics(tmp_path / "ds")
-    assert all(np.isfinite(metrics[s]["train/loss"]) for s in range(1, 7))
+    # whether its losses equal one process's is tests/test_equivalence.py's matrix (zero1/zero2 x mix; sample
+    # under DeepSpeed is found to differ there, issue 21); here: six steps, and the checkpoint holds every head
+    assert sorted(read_metrics(tmp_path / "ds")) == list(range(1, 7))
     weights = load_file(str(tmp_path / "ds/checkpoints/step_6/model.safetensors"))
     assert {"tasks.digits.model.head.weight", "tasks.parity.model.head.weight"} <= weights.keys()
 
