@@ -314,10 +314,10 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0)  # None: only at the end
+    eval_every: int | None = Field(None, ge=0)  # None: only at the end; 0: never (evaluation off)
     evals: list[str] | None = None  # keys of evaluation.EVALS run on data.val; None: the task's default_evals
     eval_batches: int | None = Field(None, gt=0)  # cap per evaluation during training; None: whole split
-    save_every: int | None = Field(None, gt=0)  # None: only at the end
+    save_every: int | None = Field(None, ge=0)  # None: only at the end; 0: never (no checkpoint is written)
     keep_last: int = Field(3, ge=1)
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
     # exact: the data streams continue where the checkpoint left them (same workers and batch sizes needed);

@@ -188,12 +188,12 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
         if step % cfg.log_every == 0 or step == cfg.steps or step == run.start_step + 1:
             log_step(run, step, terms, grad_norm, samples, dt, step_time)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        if cfg.eval_every != 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             with run.engine.gathered() if run.info.backend == "fsdp2" else contextlib.nullcontext():
                 eval_results = evaluate(run, step)
             if eval_results:
                 run.tracker.log(step, eval_results)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if cfg.save_every != 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             run.last_ckpt = save(run, step)
 
     elapsed = time.perf_counter() - t_start

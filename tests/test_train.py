@@ -239,3 +239,17 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path):
     assert summary["data_skipped"] > 0 and metrics[10]["data/skipped"] == summary["data_skipped"]
     log = (recipe.run_dir / "train.log").read_text()
     assert "skipped sample" in log and "train-000001.tar" in log
+
+
+def test_eval_every_and_save_every_zero_mean_never(digits_shards, tmp_path):
+    """0 switches evaluation (or checkpoints) off, from the command line too: not refused, not 'at the end'."""
+    from foundation.cli import main
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(digits_shards, tmp_path, "never", train={"steps": 4}))
+    assert main(["train", str(path), "train.eval_every=0", "logging.wandb=disabled"]) == 0
+    summary = json.loads((tmp_path / "never" / "summary.json").read_text())
+    assert not any(k.startswith("eval/") for k in summary) and summary["checkpoint"].endswith("step_4")
+    off = validate(tiny_recipe(digits_shards, tmp_path, "nosave", train={"steps": 4, "save_every": 0, "eval_every": 2}))
+    summary = train(off)
+    assert summary["checkpoint"] is None and not (off.run_dir / "checkpoints").exists()
+    assert "eval/classification/top1" in summary  # evaluation still runs when only saving is off
