@@ -430,7 +430,13 @@ class Recipe(Section):
             if self.parallel.backend == "deepspeed" or self.parallel.zero_stage or self.parallel.deepspeed_config:
                 raise ValueError("train.schedule: groups is not available under DeepSpeed (its engine reduces every "
                                  "gradient over all ranks; task parameters must be reduced within their group): "
-                                 "use parallel.backend ddp, or schedule mix/sample with DeepSpeed")
+                                 "use parallel.backend ddp, or schedule mix with DeepSpeed")
+        deepspeed = self.parallel.backend == "deepspeed" or self.parallel.zero_stage or self.parallel.deepspeed_config
+        if self.train.schedule == "sample" and len(self.tasks) > 1 and deepspeed:
+            raise ValueError("train.schedule: sample is not available under DeepSpeed (ZeRO steps every parameter, so "
+                             "the heads of the tasks not drawn still move by weight decay and momentum; torch's "
+                             "optimizer leaves them alone): use schedule mix with DeepSpeed, or parallel.backend "
+                             "ddp/fsdp2 for sample")
         return self
 
     @model_validator(mode="after")

@@ -211,6 +211,8 @@ def test_bad_multitask_recipes_name_the_key(digits_shards, parity_shards, tmp_pa
     fails(lambda r: r["train"].update(schedule="groups") or r["parallel"].update(zero_stage=2)
           if "parallel" in r else r.update(parallel={"zero_stage": 2}, train={**r["train"], "schedule": "groups"}),
           "groups is not available under DeepSpeed")
+    fails(lambda r: r["train"].update(schedule="sample") or r.update(parallel={"backend": "deepspeed", "zero_stage": 1}),
+          "train.schedule: sample is not available under DeepSpeed")
     # shares that do not split the world into whole groups: checked once the world size is known
     raw = json.loads(json.dumps(good))
     raw["train"]["schedule"] = "groups"
@@ -355,9 +357,8 @@ def test_fashion_mnist_two_task_recipe(fmnist_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["mix", "sample"])
-def test_deepspeed_zero2_runs_mix_and_sample(digits_shards, parity_shards, tmp_path, schedule):
-    recipe = two_tasks(digits_shards, parity_shards, tmp_path, "ds", schedule, steps=6, log_every=1, save_every=3)
+def test_deepspeed_zero2_runs_mix(digits_shards, parity_shards, tmp_path):
+    recipe = two_tasks(digits_shards, parity_shards, tmp_path, "ds", "mix", steps=6, log_every=1, save_every=3)
     recipe["parallel"] = {"backend": "deepspeed", "zero_stage": 2}
     path = write_recipe(tmp_path / "ds.yaml", recipe)
     env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
@@ -366,7 +367,7 @@ def test_deepspeed_zero2_runs_mix_and_sample(digits_shards, parity_shards, tmp_p
     summary = json.loads((tmp_path / "s.rank0.json").read_text())
     assert summary["nonfinite_steps"] == 0 and summary["steps"] == 6
     # whether its losses equal one process's is tests/test_equivalence.py's matrix (zero1/zero2 x mix; sample
-    # under DeepSpeed is found to differ there, issue 21); here: six steps, and the checkpoint holds every head
+    # under DeepSpeed is refused at load, issue 21); here: six steps, and the checkpoint holds every head
     assert sorted(read_metrics(tmp_path / "ds")) == list(range(1, 7))
     weights = load_file(str(tmp_path / "ds/checkpoints/step_6/model.safetensors"))
     assert {"tasks.digits.model.head.weight", "tasks.parity.model.head.weight"} <= weights.keys()
