@@ -6,8 +6,8 @@ iterations. Used unchanged with a few hundred, the rounding variables hardly mov
 undecided when it is made hard (h ≈ the fractional part, so hard rounding = round to nearest), and
 AdaRound/BRECQ land near or below RTN with BRECQ below AdaRound. The rounding rate is therefore scaled by
 ``lr_reference_iters / iters`` (docs/quantization.md has the measurements) — and only the rounding rate: the
-LSQ activation step sizes keep their absolute rate (scaled with it, BRECQ walked the 3-bit activation steps
-away from calibration and fell 12 points below AdaRound at W3A3 on a ResNet-18)."""
+LSQ activation step sizes keep their absolute rate (issue 24 reported BRECQ 12 points below AdaRound at W3A3
+on a ResNet-18 with the scaled rate; a re-measurement did not reproduce it — docs/quantization.md)."""
 
 from __future__ import annotations
 

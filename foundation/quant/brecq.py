@@ -161,8 +161,9 @@ def lr_scale(rcfg: ReconstructionConfig) -> float:
     budget; an activation step size only needs to move a few percent from its calibrated value, and
     Adam moves it by about lr per step *whatever its magnitude*. At 3-bit activations (steps ~0.1-0.5)
     the scaled rate (2.7e-3 at 300 iterations) walks the steps of a whole block far from calibration
-    in a few dozen steps and BRECQ collapsed (W3A3 ResNet-18 on digits: 10% against AdaRound's 90%;
-    docs/quantization.md)."""
+    in a few dozen steps; issue 24 saw BRECQ fall below AdaRound (W3A3 ResNet-18 on digits: 81.0 against
+    93.2). Not confirmed: a re-measurement on another digits ResNet-18 found the scaled rate better (98.6
+    against 93.9, one seed) — docs/quantization.md, *Activation step sizes at 3 bits*."""
     if rcfg.lr_reference_iters is None:
         return 1.0
     return min(max(rcfg.lr_reference_iters / rcfg.iters, 1.0), MAX_LR_SCALE)
