@@ -196,6 +196,11 @@ def _train(recipe: Recipe, info: DistInfo) -> dict:
         if cfg.save_every != 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             run.last_ckpt = save(run, step)
 
+    if steps_done == 0 and run.start_step == cfg.steps and cfg.eval_every != 0:
+        # resumed at the final checkpoint (killed after saving it, before the summary): evaluate the final weights,
+        # so the summary is the one a straight run writes
+        with run.engine.gathered() if run.info.backend == "fsdp2" else contextlib.nullcontext():
+            eval_results = evaluate(run, cfg.steps)
     elapsed = time.perf_counter() - t_start
     if run.groups is not None:
         run.groups.broadcast_task_params(run.engine.module)

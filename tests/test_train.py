@@ -253,3 +253,16 @@ def test_eval_every_and_save_every_zero_mean_never(digits_shards, tmp_path):
     summary = train(off)
     assert summary["checkpoint"] is None and not (off.run_dir / "checkpoints").exists()
     assert "eval/classification/top1" in summary  # evaluation still runs when only saving is off
+
+
+def test_rerun_of_a_finished_run_writes_the_straight_runs_summary(digits_shards, tmp_path):
+    """A run killed after its final checkpoint, before its summary: the rerun trains nothing, evaluates the final
+    weights and names the final checkpoint (foundation sweep counts a run finished by its summary)."""
+    recipe = validate(tiny_recipe(digits_shards, tmp_path, "done", train={"steps": 4}))
+    straight = train(recipe)
+    (recipe.run_dir / "summary.json").unlink()
+    again = train(recipe)
+    assert again["steps_this_run"] == 0 and again["checkpoint"] == straight["checkpoint"]
+    assert again["weights_sha256"] == straight["weights_sha256"]
+    evals = {k: v for k, v in straight.items() if k.startswith("eval/")}
+    assert evals and {k: again[k] for k in evals} == evals
