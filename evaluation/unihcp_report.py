@@ -11,7 +11,6 @@ commands write (``foundation report`` evaluates nothing):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 PRIMARY = {"pose": "AP", "parsing": "mIoU", "attributes": "mA", "reid": "mAP", "detection": "AP"}
@@ -38,12 +37,9 @@ def unihcp_tasks(run_dir: Path) -> dict[str, str]:
 
 
 def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rerun the command that writes it") from None
+    from evaluation.readiness import _read as read  # readiness imports this module inside its functions
+
+    return read(path)
 
 
 def collect_unihcp(run_dir: Path, tasks: dict[str, str]) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -431,6 +431,22 @@ def _markdown_robustness(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _open_task(args, device: str):
+    """(network, task name, data spec) of ``--checkpoint``'s ``--task`` on ``--data`` (default: the task's
+    data.val); None after printing the one error line."""
+    try:
+        network = task_network(args.checkpoint, args.task, device, data=args.data)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    name, _, cfg, _, _ = network
+    spec = args.data or cfg.val
+    if not spec:
+        print("error: no --data given and the task has no data.val", file=sys.stderr)
+        return None
+    return network, name, spec
+
+
 def run_robustness_cli(args) -> int:
     """``foundation eval robustness`` on a UniHCP checkpoint (flags as for a classifier; ``--task`` picks the task;
     ``--data`` defaults to the task's ``data.val``)."""
@@ -442,16 +458,10 @@ def run_robustness_cli(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = str(resolve_device(args.device))
-    try:
-        network = task_network(args.checkpoint, args.task, device, data=args.data)
-        name, t, cfg, _, _ = network
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = _open_task(args, device)
+    if opened is None:
         return 2
-    spec = args.data or cfg.val
-    if not spec:
-        print("error: no --data given and the task has no data.val", file=sys.stderr)
-        return 2
+    network, name, spec = opened
     attacks = [] if "none" in args.attacks else list(args.attacks)
     res = evaluate_unihcp_robustness(
         args.checkpoint, spec, name, split=args.split, corruptions=corruptions, severities=args.severities,
@@ -472,16 +482,10 @@ def run_sysnoise_cli(args) -> int:
     from evaluation.robustness import resolve_device
 
     device = str(resolve_device(args.device))
-    try:
-        network = task_network(args.checkpoint, args.task, device, data=args.data)
-        name, _, cfg, _, _ = network
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = _open_task(args, device)
+    if opened is None:
         return 2
-    spec = args.data or cfg.val
-    if not spec:
-        print("error: no --data given and the task has no data.val", file=sys.stderr)
-        return 2
+    network, name, spec = opened
     axes = [a for a in getattr(args, "axes", None) or ("decoder", "resize", "colour", "precision")
             if a in ("decoder", "resize", "colour", "precision")]
     res = evaluate_unihcp_sysnoise(args.checkpoint, spec, name, split=args.split, axes=axes,
