@@ -131,15 +131,19 @@ def draw_prediction(image: Image.Image, results: dict) -> Image.Image:
             lines.append(f"{name}: " + (", ".join(present) if present else "(none)"))
         elif res["kind"] == "reid":
             lines.append(f"{name}: embedding {len(res['embedding'])}-d")
-    if lines:
-        text_h = 12 * len(lines) + 4
-        framed = Image.new("RGB", (canvas.width, canvas.height + text_h), (255, 255, 255))
-        framed.paste(canvas, (0, 0))
-        d = ImageDraw.Draw(framed)
-        for i, line in enumerate(lines):
-            d.text((2, canvas.height + 2 + 12 * i), line, fill=(0, 0, 0))
-        canvas = framed
-    return canvas
+    return _with_caption(canvas, lines)
+
+
+def _with_caption(canvas: Image.Image, lines: list[str]) -> Image.Image:
+    """``canvas`` with ``lines`` written on a white band below it (unchanged when there are none)."""
+    if not lines:
+        return canvas
+    framed = Image.new("RGB", (canvas.width, canvas.height + 12 * len(lines) + 4), (255, 255, 255))
+    framed.paste(canvas, (0, 0))
+    d = ImageDraw.Draw(framed)
+    for i, line in enumerate(lines):
+        d.text((2, canvas.height + 2 + 12 * i), line, fill=(0, 0, 0))
+    return framed
 
 
 BOX_PADDING = 1.25  # top-down crops: the box grown about its centre (the release's COCO pose _box2cs padding)
@@ -228,14 +232,7 @@ def draw_scene(image: Image.Image, people: list[dict]) -> Image.Image:
             elif r["kind"] == "attributes":
                 present = [n for n, v in r["attributes"].items() if v > 0.5]
                 lines.append(f"#{i} {name}: " + (", ".join(present) if present else "(none)"))
-    if lines:
-        framed = Image.new("RGB", (canvas.width, canvas.height + 12 * len(lines) + 4), (255, 255, 255))
-        framed.paste(canvas, (0, 0))
-        d = ImageDraw.Draw(framed)
-        for j, line in enumerate(lines):
-            d.text((2, canvas.height + 2 + 12 * j), line, fill=(0, 0, 0))
-        canvas = framed
-    return canvas
+    return _with_caption(canvas, lines)
 
 
 def _write_scene(people: list[dict], image: Image.Image, out: Path, summary: dict) -> dict:
