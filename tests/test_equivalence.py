@@ -43,6 +43,7 @@ BACKENDS = {
     "ddp": {"backend": "ddp"},
     "zero1": {"backend": "deepspeed", "zero_stage": 1},
     "zero2": {"backend": "deepspeed", "zero_stage": 2},
+    "fsdp2": {"backend": "fsdp2"},
 }
 FAMILIES = ("classification", "clip", "two_task", "unihcp")
 MULTI = ("two_task", "unihcp")
@@ -53,7 +54,8 @@ MULTI = ("two_task", "unihcp")
 REFUSED = {("zero1", "groups"): "groups is not available under DeepSpeed",
            ("zero2", "groups"): "groups is not available under DeepSpeed",
            ("zero1", "sample"): "sample is not available under DeepSpeed",
-           ("zero2", "sample"): "sample is not available under DeepSpeed"}
+           ("zero2", "sample"): "sample is not available under DeepSpeed",
+           ("fsdp2", "groups"): "groups is not available with parallel.backend=fsdp2"}
 SCHEDULES = ("mix", "sample", "groups")
 CELLS = [(b, f, s) for b in BACKENDS for f in FAMILIES for s in (SCHEDULES if f in MULTI else ("mix",))]
 # UniHCP's tasks whose loss is a mean of per-sample terms. The other three are per-rank by design, as in the
