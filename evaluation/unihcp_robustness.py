@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from foundation.data import DataError, local_spec
+
 PRIMARY = {"pose": "AP", "parsing": "mIoU", "attributes": "mA", "reid": "mAP", "detection": "AP"}
 SECONDARY = {"pose": "OKS", "parsing": "pixel_accuracy", "attributes": "F1", "reid": "rank1", "detection": "MR-2"}
 EVAL_FN = {"pose": "evaluate_pose", "parsing": "evaluate_parsing", "attributes": "evaluate_attributes",
@@ -440,9 +442,13 @@ def _open_task(args, device: str):
         print(f"error: {e}", file=sys.stderr)
         return None
     name, _, cfg, _, _ = network
-    spec = args.data or cfg.val
-    if not spec:
+    if not args.data and not cfg.val:
         print("error: no --data given and the task has no data.val", file=sys.stderr)
+        return None
+    try:  # the checkpoint's data.val: local paths only (a pipe: or URL source in it would run or fetch something)
+        spec = args.data or local_spec(cfg.val, f"the checkpoint's tasks.{name}.data.val")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return None
     return network, name, spec
 

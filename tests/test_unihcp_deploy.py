@@ -246,3 +246,23 @@ def test_task_outputs_stay_in_eval_mode():
     wrapped = TaskOutputs(deploy, "reid", module=deploy)
     wrapped.train()  # what an evaluation does on its way out when it found the module in training mode
     assert not deploy.training and not deploy.bn.training
+
+
+def test_a_checkpoints_pipe_data_val_is_not_run(monkeypatch, capsys):
+    """Without --data the UniHCP CLIs read the task's data.val from the checkpoint: a ``pipe:`` or URL there is
+    refused in one line (webdataset would run or fetch it); a local path is taken; --data always wins."""
+    import argparse
+    import types
+
+    import evaluation.unihcp_robustness as ur
+
+    val = {"v": "pipe:curl -s http://example.invalid/x.tar"}
+    monkeypatch.setattr(ur, "task_network", lambda ckpt, task, device, data=None: (
+        "pose", None, types.SimpleNamespace(val=val["v"]), None, None))
+    args = argparse.Namespace(checkpoint="ckpt", task="pose", data=None)
+    assert ur._open_task(args, "cpu") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the checkpoint's tasks.pose.data.val is 'pipe:curl"), err
+    assert ur._open_task(argparse.Namespace(checkpoint="c", task="pose", data="/mine/val"), "cpu")[2] == "/mine/val"
+    val["v"] = "/data/humans/val"
+    assert ur._open_task(args, "cpu")[2] == "/data/humans/val"
