@@ -20,15 +20,9 @@ import sys
 from pathlib import Path
 
 from evaluation.report import _fmt, _Page
+from evaluation.report import read_json as _read
 
 
-def _read(path: Path) -> dict | list | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); rerun the command that writes it") from None
 
 
 DUAL_ENCODER_TASKS = ("clip", "declip")

@@ -13,6 +13,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+
+def read_json(path: Path) -> dict | list | None:
+    """A JSON file a command wrote; None when it is missing, one error line when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rerun the command that writes it") from None
+
+
 AXIS_COLOURS = {"decoder": "#4C72B0", "resize": "#55A868", "colour": "#C44E52", "precision": "#8172B2",
                 "architecture": "#CCB974"}
 

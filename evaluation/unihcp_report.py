@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evaluation.report import read_json as _read
+
 PRIMARY = {"pose": "AP", "parsing": "mIoU", "attributes": "mA", "reid": "mAP", "detection": "AP"}
 
 
@@ -36,10 +38,6 @@ def unihcp_tasks(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def _read(path: Path):
-    from evaluation.readiness import _read as read  # readiness imports this module inside its functions
-
-    return read(path)
 
 
 def collect_unihcp(run_dir: Path, tasks: dict[str, str]) -> tuple[list[dict], list[tuple[str, str]]]:
