@@ -365,3 +365,11 @@ def test_reconstruction_beats_rtn_at_w3a3(digits, rtn_w3a3, method):  # noqa: F8
     QDrop 90.9%. Each method must beat RTN by 30 points (~6-8 s each on a 2-core CPU)."""
     assert rtn_w3a3 < 60.0, rtn_w3a3  # W3A3 round-to-nearest really is broken here: the margin means something
     assert w3a3_top1(digits, method) >= rtn_w3a3 + 30.0, (method, rtn_w3a3)
+
+
+def test_the_recipe_schema_names_every_method():
+    """quant/config.py checks method names without importing the methods (no import circle): the two lists agree."""
+    from foundation.quant import METHODS
+    from foundation.quant.config import METHOD_NAMES
+
+    assert tuple(METHODS) == METHOD_NAMES

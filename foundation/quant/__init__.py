@@ -2,7 +2,8 @@
 
 ``METHODS`` maps a method name to ``fn(qmodel, fp_model, calib_images, cfg, log) -> dict``: it runs
 after BN folding, quantizer placement and calibration, and changes the quantized model in place.
-Adding a method: one file here and one line below. See docs/quantization.md.
+Adding a method: one file here, one line below and its name in ``config.METHOD_NAMES`` (the recipe schema
+checks names without importing the methods). See docs/quantization.md.
 """
 
 from foundation.quant.brecq import adaround, brecq, qdrop

@@ -111,10 +111,15 @@ class OutlierConfig(Section):
         return self
 
 
+# the PTQ methods by name; foundation.quant.METHODS maps each to its function (the names live here so that the
+# recipe schema does not import the methods, which import the schema)
+METHOD_NAMES = ("rtn", "adaround", "brecq", "qdrop")
+
+
 class QuantConfig(Section):
     """One post-training quantization run: method, scheme, calibration and method options."""
 
-    method: str = "rtn"  # a key of foundation.quant.METHODS
+    method: str = "rtn"  # one of METHOD_NAMES (foundation.quant.METHODS maps each to its function)
     backend: str = "academic"  # a key of BACKENDS
     wbits: int = Field(8, ge=2, le=8)
     abits: int = Field(8, ge=2, le=8)
@@ -129,9 +134,7 @@ class QuantConfig(Section):
 
     @model_validator(mode="after")
     def _known_names(self) -> QuantConfig:
-        from foundation.quant import METHODS
-
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, METHOD_NAMES)
         _check_choice("backend", self.backend, BACKENDS)
         fixed = BACKENDS[self.backend].fixed_bits
         if fixed is not None and (self.wbits, self.abits) != (fixed, fixed):
