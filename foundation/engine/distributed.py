@@ -85,6 +85,11 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistInfo:
                               is_master=False, timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         elastic = dict(store=dist.PrefixStore(f"foundation/attempt_{attempt}/", store), rank=rank, world_size=world_size)
+    if backend != "single" and world_size == 1 and not elastic and not dist.is_initialized():
+        # one process (DDP / FSDP2 / DeepSpeed forced without a launcher): an in-memory store, so there is no
+        # TCP port to pick and lose to another process before it is bound (EADDRINUSE, seen in CI)
+        dist.init_process_group(pg_backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=dev if use_cuda else None, timeout=timeout)
     if (backend in ("ddp", "fsdp2") or elastic) and not dist.is_initialized():
         dist.init_process_group(pg_backend, device_id=dev if use_cuda else None, timeout=timeout, **elastic)
     if backend == "deepspeed":
