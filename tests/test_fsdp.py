@@ -191,7 +191,8 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(tmp_path, digits_s
 
 
 def _dump(prefix: Path, rank: int = 0) -> dict:
-    return torch.load(f"{prefix}.rank{rank}.pt", weights_only=False)
+    """What tests/fsdp_driver.py saved: state dicts, ints, strings and the data position (plain containers)."""
+    return torch.load(f"{prefix}.rank{rank}.pt", weights_only=True)
 
 
 def _assert_same(a, b, where: str = "") -> None:
