@@ -260,18 +260,25 @@ def train_command(run: Run, launcher: Launcher, python: str = sys.executable) ->
     return [python, "-m", "foundation.cli", "train", run.recipe, *run.overrides]
 
 
+def finished_summary(run_dir: Path, steps: int | None = None) -> dict | None:
+    """The run's ``summary.json`` when it says the run finished (``steps`` reached, a checkpoint written)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if steps is not None and summary.get("steps") != steps:
+        return None
+    return summary if summary.get("checkpoint") else None
+
+
 def finished(run: Run) -> bool:
     """``summary.json`` in the run directory says the recipe's ``train.steps`` were reached."""
     from foundation.train import load_checked
 
-    summary = Path(run.run_dir) / "summary.json"
-    if not summary.is_file():
-        return False
-    try:
-        done = json.loads(summary.read_text())
-    except json.JSONDecodeError:
-        return False
-    return done.get("steps") == load_checked(run.recipe, run.overrides).train.steps and bool(done.get("checkpoint"))
+    return finished_summary(run.run_dir, load_checked(run.recipe, run.overrides).train.steps) is not None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -152,16 +152,9 @@ def plan(recipe: str | Path, overrides: list[str], seeds: list[int], variants: l
 
 def read_summary(run: SweepRun, steps: int | None = None) -> dict | None:
     """The run's summary when it finished (``steps`` reached, with a checkpoint), else None."""
-    path = run.run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if steps is not None and summary.get("steps") != steps:
-        return None
-    return summary if summary.get("checkpoint") else None
+    from foundation.pipeline import finished_summary
+
+    return finished_summary(run.run_dir, steps)
 
 
 def train_command(recipe: str | Path, run: SweepRun, launcher: str = "local", nproc: int = 1,
