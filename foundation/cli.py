@@ -161,7 +161,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from foundation.export import export_checkpoint
 
     try:
-        result = export_checkpoint(args.checkpoint, args.out, args.format, args.name, task=args.task)
+        result = export_checkpoint(args.checkpoint, args.out, args.format, args.name, task=args.task,
+                                   scene_size=args.scene_size, max_people=args.max_people,
+                                   score_threshold=args.score_threshold)
     except ValueError as e:  # a model part the target format cannot represent: say which, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -239,13 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "every task on the whole image; auto (default): scene when the detector finds more than one "
                         "person or one covering under half the picture")
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders) or timm (the vision tower)")
+    p = sub.add_parser("export", help="export a checkpoint: open_clip (dual encoders), timm (the vision tower) or "
+                                      "unihcp_scene (a UniHCP run's detection -> person crops -> person tasks as one "
+                                      "ONNX graph)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (step_N) or run directory")
-    p.add_argument("--format", required=True, choices=["open_clip", "timm"])
+    p.add_argument("--format", required=True, choices=["open_clip", "timm", "unihcp_scene"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--name", help="open_clip model config name (default: the recipe's name)")
     p.add_argument("--task", help="open_clip: which clip/declip task of a multi-task run (timm exports a "
                                   "multi-task run's shared backbone)")
+    p.add_argument("--scene-size", type=int, nargs=2, default=[720, 1280], metavar=("H", "W"),
+                   help="unihcp_scene: the graph's fixed input size (default 720 1280)")
+    p.add_argument("--max-people", type=int, default=20, help="unihcp_scene: boxes kept after NMS (fixed count; "
+                                                               "those under the threshold are flagged invalid)")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="unihcp_scene: a box's lowest valid score")
     p.set_defaults(func=cmd_export)
 
     from evaluation import readiness, robustness, sysnoise

@@ -8,11 +8,13 @@ present attributes), ``pred/prediction.json`` (every task's outputs in source-im
 letterboxed to its own ``data.image_size``, as in evaluation.
 
 A scene (``--mode scene``, or ``auto`` when the detector finds more than one person or one who fills less
-than half the picture) goes top-down, as the released code evaluates the per-person tasks: detection on the
-whole image → each person's box expanded ×1.25 about its centre (the top-down crop padding, ``BOX_PADDING``)
-→ pose, parsing, attributes and ReID on each crop → everything mapped back to the scene's pixels, drawn on
-one picture, and written as one JSON list of people (``people``: box, score, keypoints, present parsing
-classes, attributes, the row of ``reid_embeddings.npy``). A single-person picture keeps the path above.
+than half the picture) goes top-down, as the released code evaluates the per-person tasks, through the module
+``foundation export --format unihcp_scene`` writes as one ONNX graph (``foundation.models.unihcp_scene``):
+detection on the whole image → each person's box grown to each task's input aspect and ×1.25 about its centre
+(the release's ``_box2cs``, ``BOX_PADDING``), sampled bilinearly → pose, parsing, attributes and ReID on each
+crop → everything mapped back to the scene's pixels, drawn on one picture, and written as one JSON list of
+people (``people``: box, score, each task's crop box, keypoints, present parsing classes, attributes, the row
+of ``reid_embeddings.npy``). A single-person picture keeps the path above.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
+
+from foundation.models.unihcp_scene import BOX_PADDING
 
 PALETTE = np.array([[0, 0, 0], [128, 0, 0], [255, 85, 0], [255, 170, 0], [0, 128, 0], [0, 0, 255], [85, 51, 0],
                     [0, 255, 255], [0, 85, 85], [85, 255, 170], [170, 255, 85], [255, 255, 0], [255, 0, 255],
@@ -146,17 +150,12 @@ def _with_caption(canvas: Image.Image, lines: list[str]) -> Image.Image:
     return framed
 
 
-BOX_PADDING = 1.25  # top-down crops: the box grown about its centre (the release's COCO pose _box2cs padding)
 PERSON_TASKS = ("pose", "parsing", "attributes", "reid")
 
 
-def person_crop(box: Sequence[float], padding: float = BOX_PADDING) -> tuple[int, int, int, int]:
-    """A detected box (x0, y0, x1, y1) grown ×``padding`` about its centre, as integer pixel bounds (may lie
-    partly outside the image: the crop is padded with black there, as the letterbox pads)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    w, h = max(x1 - x0, 1.0) * padding, max(y1 - y0, 1.0) * padding
-    return (int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2)), int(np.ceil(cx + w / 2)), int(np.ceil(cy + h / 2)))
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as the scene graph's input: (1, 3, H, W) RGB in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
 def is_scene(boxes: list, image: Image.Image, min_cover: float = 0.5) -> bool:
@@ -170,26 +169,74 @@ def is_scene(boxes: list, image: Image.Image, min_cover: float = 0.5) -> bool:
     return (max(x1 - x0, 0) * max(y1 - y0, 0)) < min_cover * image.width * image.height
 
 
+def scene_module(tasks: dict, device: str = "cpu", max_people: int = 20, score_threshold: float = 0.3):
+    """The checkpoint's ``UniHCPScene`` (its first detection task, if any, and its person tasks): what
+    ``foundation export --format unihcp_scene`` writes as one ONNX graph."""
+    from foundation.models.unihcp_scene import scene_from_tasks
+
+    detectors = [n for n, v in tasks.items() if v[0].kind == "detection"]
+    chosen = {n: v for n, v in tasks.items() if v[0].kind in PERSON_TASKS or n in detectors[:1]}
+    return scene_from_tasks(chosen, max_people, score_threshold).to(device)
+
+
+@torch.no_grad()
+def detect_people(scene, image: Image.Image, device: str = "cpu") -> tuple[list, list]:
+    """The scene module's detections at or above its threshold: boxes (x0, y0, x1, y1, scene pixels), scores."""
+    boxes, scores, valid = scene.detect(image_tensor(image).to(device))
+    return boxes[valid].cpu().tolist(), scores[valid].cpu().tolist()
+
+
 @torch.no_grad()
 def predict_scene(tasks: dict, image: Image.Image, boxes: list, scores: list | None = None, device: str = "cpu",
-                  max_people: int = 20) -> list[dict]:
-    """Per-person predictions (scene pixels) of the checkpoint's person tasks, one dict per box."""
+                  max_people: int = 20, scene=None) -> list[dict]:
+    """Per-person predictions (scene pixels) of the checkpoint's person tasks, one dict per box: each task on
+    its own crop of the box (``UniHCPScene.person_outputs``: expanded to the task's input aspect, ×1.25,
+    bilinear), the same computation as the exported scene graph."""
+    boxes = [list(map(float, b)) for b in boxes[:max_people]]
     person = {n: v for n, v in tasks.items() if v[0].kind in PERSON_TASKS}
+    outs: dict = {}
+    if person and boxes:
+        scene = scene if scene is not None else scene_module(person, device)
+        outs = scene.person_outputs(image_tensor(image).to(device), torch.tensor(boxes, device=device))
     people = []
-    for i, box in enumerate(boxes[:max_people]):
-        x0, y0, x1, y1 = person_crop(box)
-        crop = image.crop((x0, y0, x1, y1))  # PIL pads outside the image with black
-        res = predict_image(person, crop, device) if person else {}
-        entry: dict = {"box": [float(v) for v in box], "crop": [x0, y0, x1, y1],
-                       "score": float(scores[i]) if scores is not None else None, "tasks": {}}
-        for name, r in res.items():
-            if r["kind"] == "pose":
-                r["keypoints"] = [[x + x0, y + y0, v] for x, y, v in r["keypoints"]]
-            elif r["kind"] == "parsing":
-                r["crop"] = [x0, y0, x1, y1]
+    for i, box in enumerate(boxes):
+        entry: dict = {"box": box, "score": float(scores[i]) if scores is not None else None, "crops": {},
+                       "tasks": {}}
+        for name, (crop, value) in outs.items():
+            task = person[name][0]
+            kind, meta, value = task.kind, task.meta, value[i].float().cpu()
+            r: dict = {"kind": kind, "crop": [float(v) for v in crop[i]]}
+            if kind == "pose":
+                r["keypoints"] = value.tolist()
+                r["names"], r["skeleton"] = meta.get("keypoint_names"), meta.get("skeleton")
+            elif kind == "parsing":
+                r["label_map"] = value.argmax(0).numpy().astype(np.uint8)  # over the crop box, at the input size
+                r["class_names"] = meta.get("class_names")
+            elif kind == "attributes":
+                probs = value.sigmoid().tolist()
+                r["attributes"] = dict(zip(meta.get("attribute_names") or map(str, range(len(probs))), probs))
+            else:
+                r["embedding"] = value.numpy()
+            entry["crops"][name] = r["crop"]
             entry["tasks"][name] = r
         people.append(entry)
     return people
+
+
+def _paste(label: np.ndarray, crop: Sequence[float], size: tuple[int, int]) -> tuple[slice, slice, np.ndarray] | None:
+    """A label map (h, w) over the crop box (x0, y0, x1, y1) read at each scene pixel's centre (nearest), as the
+    scene rows / columns it covers and the labels there (0 where the box leaves the map)."""
+    x0, y0, x1, y1 = crop
+    h, w = label.shape
+    sx0, sy0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+    sx1, sy1 = min(int(np.ceil(x1)), size[0]), min(int(np.ceil(y1)), size[1])
+    if sx1 <= sx0 or sy1 <= sy0:
+        return None
+    cols = np.floor((np.arange(sx0, sx1) + 0.5 - x0) * w / max(x1 - x0, 1e-6)).astype(np.int64)
+    rows = np.floor((np.arange(sy0, sy1) + 0.5 - y0) * h / max(y1 - y0, 1e-6)).astype(np.int64)
+    inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None]
+    part = label[rows.clip(0, h - 1)][:, cols.clip(0, w - 1)]
+    return slice(sy0, sy1), slice(sx0, sx1), np.where(inside, part, 0)
 
 
 def _scene_label_map(people: list[dict], size: tuple[int, int]) -> np.ndarray | None:
@@ -201,14 +248,11 @@ def _scene_label_map(people: list[dict], size: tuple[int, int]) -> np.ndarray | 
                 continue
             if out is None:
                 out = np.zeros((size[1], size[0]), np.uint8)
-            x0, y0, x1, y1 = r["crop"]
-            lab = r["label_map"]
-            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, size[0]), min(y1, size[1])
-            if sx1 <= sx0 or sy1 <= sy0:
+            pasted = _paste(r["label_map"], r["crop"], size)
+            if pasted is None:
                 continue
-            part = lab[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
-            region = out[sy0:sy1, sx0:sx1]
-            out[sy0:sy1, sx0:sx1] = np.where(part > 0, part, region)
+            rows, cols, part = pasted
+            out[rows, cols] = np.where(part > 0, part, out[rows, cols])
     return out
 
 
@@ -239,7 +283,7 @@ def _write_scene(people: list[dict], image: Image.Image, out: Path, summary: dic
     embeddings = []
     listing = []
     for p in people:
-        entry = {"box": p["box"], "score": p["score"], "crop": p["crop"]}
+        entry = {"box": p["box"], "score": p["score"], "crops": p["crops"]}
         for name, r in p["tasks"].items():
             if r["kind"] == "pose":
                 entry["keypoints"] = r["keypoints"]
@@ -287,13 +331,16 @@ def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, devic
     if mode == "scene" and detector is None:
         raise PredictError(f"--mode scene needs a detection task in the checkpoint; its tasks are {sorted(tasks)}")
     if mode != "single" and detector is not None and len(tasks) > 1:
-        det = predict_image({detector: tasks[detector]}, image, device, score_threshold)[detector]
-        if mode == "scene" or is_scene(det["boxes"], image):
-            people = predict_scene(tasks, image, det["boxes"], det["scores"], device)
+        scene = scene_module({n: v for n, v in tasks.items() if v[0].kind != "detection" or n == detector}, device,
+                             score_threshold=score_threshold)
+        boxes, scores = detect_people(scene, image, device)
+        if mode == "scene" or is_scene(boxes, image):
+            people = predict_scene(tasks, image, boxes, scores, device, scene=scene)
             out.mkdir(parents=True, exist_ok=True)
             summary = {"checkpoint": str(checkpoint), "image": str(image_path), "png": str(out / "prediction.png"),
                        "mode": "scene", "detector": detector, "score_threshold": score_threshold,
-                       "box_padding": BOX_PADDING}
+                       "box_padding": BOX_PADDING, "crop": "the box's shorter side grown to the task's input aspect, "
+                       "x1.25 about its centre, sampled bilinearly (roi_align)"}
             summary = _write_scene(people, image, out, summary)
             (out / "prediction.json").write_text(json.dumps(summary, indent=2, default=float))
             return summary
@@ -316,5 +363,5 @@ def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, devic
     return summary
 
 
-__all__ = ["BOX_PADDING", "PredictError", "draw_prediction", "draw_scene", "is_scene", "person_crop", "predict_image",
-           "predict_scene", "run_predict", "unihcp_tasks"]
+__all__ = ["BOX_PADDING", "PredictError", "detect_people", "draw_prediction", "draw_scene", "image_tensor", "is_scene",
+           "predict_image", "predict_scene", "run_predict", "scene_module", "unihcp_tasks"]

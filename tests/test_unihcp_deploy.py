@@ -64,12 +64,9 @@ def test_onnx_fp32_equals_pytorch(tmp_path):
         assert (out - ref[name]).abs().max() < ONNX_TOL, name
 
 
-def test_person_crop_grows_the_box_about_its_centre():
-    from foundation.predict import BOX_PADDING, is_scene, person_crop
+def test_is_scene_tells_a_scene_from_a_single_person():
+    from foundation.predict import is_scene
 
-    x0, y0, x1, y1 = person_crop([10, 20, 50, 100])
-    assert (x0 + x1) / 2 == pytest.approx(30, abs=1) and (y0 + y1) / 2 == pytest.approx(60, abs=1)
-    assert x1 - x0 == pytest.approx(40 * BOX_PADDING, abs=2) and y1 - y0 == pytest.approx(80 * BOX_PADDING, abs=2)
     img = Image.new("RGB", (100, 100))
     assert not is_scene([[0, 0, 90, 95]], img)  # one person filling the picture: today's single path
     assert is_scene([[0, 0, 30, 40]], img) and is_scene([[0, 0, 90, 95], [5, 5, 20, 20]], img)
@@ -97,14 +94,17 @@ def test_scene_people_are_predicted_in_their_own_crops():
     people = predict_scene(_fake_tasks(), scene, boxes, [0.9, 0.8])
     assert len(people) == 2
     for person, box in zip(people, boxes):
-        x0, y0, x1, y1 = person["crop"]
+        assert set(person["crops"]) == {"pose", "attributes"}
+        x0, y0, x1, y1 = person["crops"]["pose"]  # the box at the pose input's aspect (1:1 here), x1.25
         assert x0 <= box[0] and x1 >= box[2] and y0 <= box[1] and y1 >= box[3]
+        assert x1 - x0 == pytest.approx(y1 - y0) == pytest.approx(1.25 * max(box[2] - box[0], box[3] - box[1]))
         kps = np.asarray(person["tasks"]["pose"]["keypoints"])
         assert kps.shape == (17, 3)
-        # each skeleton lies in its own person's letterboxed crop (a square of the crop's long side about its
-        # centre: random weights may peak in the padding), mapped back by the crop's origin; the squares are disjoint
-        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2 + 1
-        assert (abs(kps[:, 0] - cx) <= half).all() and (abs(kps[:, 1] - cy) <= half).all()
+        # each skeleton lies in its own person's crop (give or take a heatmap cell), mapped back to the scene; the
+        # crops are disjoint
+        cell = (x1 - x0) / 8
+        assert (kps[:, 0] >= x0 - cell).all() and (kps[:, 0] <= x1 + cell).all()
+        assert (kps[:, 1] >= y0 - cell).all() and (kps[:, 1] <= y1 + cell).all()
         assert set(person["tasks"]["attributes"]["attributes"]) == {f"a{i}" for i in range(7)}
     drawn = draw_scene(scene, people)
     assert drawn.height > scene.height  # attribute lines, one per person

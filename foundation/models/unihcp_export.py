@@ -44,6 +44,27 @@ def _unshare(m: nn.Module) -> nn.Module:
     return m.__dict__.get("target", m)
 
 
+def _fix_positions(encoder: nn.Module, grid: tuple[int, int]) -> None:
+    """A timm ViT with ``dynamic_img_size`` resamples its position grid to the input's on every call (bicubic with
+    antialias, which ONNX has no operator for): resample it once to ``grid``, the deploy input's, so the call
+    finds the sizes equal and adds it as it is. The values are the ones each call computed."""
+    pos, patch = getattr(encoder, "pos_embed", None), getattr(encoder, "patch_embed", None)
+    if pos is None or patch is None or not getattr(encoder, "dynamic_img_size", False):
+        return
+    old = tuple(patch.grid_size)
+    if old == tuple(grid):
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    with torch.no_grad():
+        new = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(old),
+                                     num_prefix_tokens=0 if encoder.no_embed_class else encoder.num_prefix_tokens)
+    encoder.pos_embed = nn.Parameter(new, requires_grad=pos.requires_grad)
+    patch.grid_size = tuple(grid)
+    patch.num_patches = grid[0] * grid[1]
+    patch.img_size = (grid[0] * patch.patch_size[0], grid[1] * patch.patch_size[1])
+
+
 class Attention(nn.Module):
     """``nn.MultiheadAttention`` (batch first, no mask, no dropout at inference) with its projections as
     ``nn.Linear`` modules: ``forward(query, key, value)`` equals ``mha(query, key, value)[0]``."""
@@ -115,6 +136,7 @@ class UniHCPDeploy(nn.Module):
         patch = self.encoder.patch_embed.patch_size
         self.grid = (hw[0] // patch[0], hw[1] // patch[1])
         self.prefix = int(getattr(self.encoder, "num_prefix_tokens", 0))
+        _fix_positions(self.encoder, self.grid)
         self.proj = copy.deepcopy(shared.proj)
         with torch.no_grad():
             dev = shared.proj.weight.device

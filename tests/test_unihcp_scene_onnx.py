@@ -1,0 +1,171 @@
+"""UniHCP's scene pipeline as one graph (issue 24, items 3 and 7): the release's top-down crop geometry; the
+``UniHCPScene`` module (detection → K fixed person boxes → per-task crops → pose / parsing / attributes /
+ReID) exported to ONNX and run in onnxruntime equals PyTorch; ``foundation predict --mode scene`` and the graph
+``foundation export --format unihcp_scene`` writes give the same people on the same image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from foundation.models.unihcp import UniHCPNet, UniHCPShared
+from foundation.models.unihcp_scene import (BOX_PADDING, IMAGENET_MEAN, IMAGENET_STD, NormalisedTask, UniHCPScene,
+                                            crop_boxes, expand_boxes, letterbox_geometry)
+
+KINDS = {"pose": 17, "parsing": 5, "attributes": 7, "reid": 3, "detection": 8}
+# each task at its own input, the encoders' position grids resampled to it (as the release's are)
+SIZES = {"detection": (32, 48), "pose": (32, 24), "parsing": (32, 32), "attributes": (32, 16), "reid": (32, 16)}
+SCENE = (90, 160)  # (H, W)
+# FP32 onnxruntime vs PyTorch: scene-pixel outputs (boxes, keypoints ~100 px) relative, the rest ~1 absolute;
+# measured: boxes / keypoints 1.5e-5 px, parsing probabilities 2.4e-6, attribute logits 3.3e-6, ReID 1.3e-6
+RTOL, ATOL = 1e-5, 1e-4
+
+
+def _net(kind: str, seed: int = 0) -> UniHCPNet:
+    torch.manual_seed(seed)
+    enc = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
+    shared = UniHCPShared(32, width=32, layers=2, heads=2, ffn=64, neck_norm="groupnorm")
+    return UniHCPNet(kind, enc, shared, KINDS[kind], num_ids=5, det_patterns=2).eval()
+
+
+def _tasks() -> dict:
+    """``{name: (UniHCPTask, DataConfig)}`` of the five kinds on random tiny networks (no checkpoint needed)."""
+    from foundation.config import DataConfig, UniHCPConfig
+    from foundation.data.humans import COCO_KEYPOINTS
+    from foundation.tasks.unihcp import (UniHCPAttributes, UniHCPDetection, UniHCPParsing, UniHCPPose,
+                                         UniHCPReID)
+
+    metas = {"pose": {"keypoint_names": list(COCO_KEYPOINTS), "skeleton": [[0, 1], [5, 6]]},
+             "parsing": {"class_names": [f"c{i}" for i in range(5)]},
+             "attributes": {"attribute_names": [f"a{i}" for i in range(7)]}, "reid": {}, "detection": {}}
+    classes = {"pose": UniHCPPose, "parsing": UniHCPParsing, "attributes": UniHCPAttributes, "reid": UniHCPReID,
+               "detection": UniHCPDetection}
+    out = {}
+    for i, (kind, cls) in enumerate(classes.items()):
+        task = cls(_net(kind, seed=i), UniHCPConfig(), {"kind": kind, **metas[kind]}).eval()
+        out[kind] = (task, DataConfig(human=True, image_size=list(SIZES[kind])))
+    return out
+
+
+def _scene(max_people: int = 20) -> UniHCPScene:
+    from foundation.models.unihcp_export import UniHCPDeploy
+
+    def wrap(kind: str, seed: int) -> NormalisedTask:
+        return NormalisedTask(UniHCPDeploy(_net(kind, seed), SIZES[kind]), IMAGENET_MEAN, IMAGENET_STD)
+
+    people = {k: wrap(k, i) for i, k in enumerate(("pose", "parsing", "attributes", "reid"))}
+    return UniHCPScene(wrap("detection", 4), people, max_people=max_people)
+
+
+def test_crop_boxes_follow_the_released_top_down_protocol():
+    # _box2cs: centre kept, the short side grown to the input aspect (w / h), then x1.25
+    box = torch.tensor([[10.0, 20.0, 50.0, 100.0]])  # 40 x 80, centre (30, 60)
+    for aspect, (w, h) in ((0.75, (60, 80)), (2.0, (160, 80)), (0.5, (40, 80))):
+        x0, y0, x1, y1 = expand_boxes(box, aspect)[0].tolist()
+        assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((30, 60))
+        assert (x1 - x0, y1 - y0) == pytest.approx((w * BOX_PADDING, h * BOX_PADDING))
+    # roi_align(aligned=True, one sample per pixel) is an exact pixel copy for an integer box of the output's size,
+    # a bilinear half-pixel blend for a half-pixel shift, and black outside the image
+    image = torch.rand(1, 3, 12, 16)
+    crop = crop_boxes(image, torch.tensor([[2.0, 3.0, 9.0, 8.0]]), (5, 7))
+    torch.testing.assert_close(crop[0], image[0, :, 3:8, 2:9])
+    half = crop_boxes(image, torch.tensor([[2.5, 3.0, 9.5, 8.0]]), (5, 7))
+    torch.testing.assert_close(half[0], (image[0, :, 3:8, 2:9] + image[0, :, 3:8, 3:10]) / 2)
+    outside = crop_boxes(image, torch.tensor([[-20.0, -20.0, -10.0, -10.0]]), (4, 4))
+    assert (outside == 0).all()
+    # the letterbox geometry is evaluation's (foundation.data.human_transforms.letterbox_image)
+    from foundation.config import DataConfig
+    from foundation.data.human_transforms import letterbox_image
+
+    for size in ((32, 48), (32, 32)):
+        _, s, offset = letterbox_image(Image.new("RGB", (160, 90)), DataConfig(human=True, image_size=list(size)))
+        assert letterbox_geometry(160, 90, size) == pytest.approx((s, *offset))
+
+
+def test_scene_graph_in_onnxruntime_equals_pytorch(tmp_path):
+    from foundation.models.unihcp_scene import export_scene_onnx
+    from foundation.quant.onnx_export import ort_session
+
+    scene = _scene()
+    image = torch.rand(1, 3, *SCENE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a threshold between the 2nd and 3rd best scores: some rows valid, some not
+        scene.score_threshold = float(scene.detect(image)[1][1:3].mean())
+    path = export_scene_onnx(scene, tmp_path / "scene.onnx", SCENE)
+    with torch.no_grad():
+        ref = scene(image)
+    got = ort_session(path).run(None, {"image": image.numpy()})
+    names = scene.output_names()
+    assert names[:3] == ["boxes", "scores", "valid"] and "pose.keypoints" in names and "reid.feature" in names
+    k = scene.max_people
+    assert k == 16  # min(max_people, the detector's queries): a fixed count
+    for name, a, b in zip(names, ref, got):
+        assert tuple(a.shape) == b.shape and a.shape[0] == k, name
+        if a.dtype == torch.bool:
+            assert np.array_equal(a.numpy(), b), name
+        else:
+            torch.testing.assert_close(torch.from_numpy(b), a, rtol=RTOL, atol=ATOL, msg=name)
+    boxes, scores, valid = ref[:3]
+    assert valid.any() and not valid.all()  # the threshold flags rows; nothing is removed
+    assert int(valid.sum()) == 2 and (scores[valid] >= scene.score_threshold).all() and (scores[:-1] >= scores[1:])[valid[:-1]].all()
+    # every person's skeleton lies in its own pose crop (scene pixels), whose centre is its box's
+    crop, kps = ref[names.index("pose.box")], ref[names.index("pose.keypoints")]
+    torch.testing.assert_close((crop[:, :2] + crop[:, 2:]) / 2, (boxes[:, :2] + boxes[:, 2:]) / 2)
+    margin = (crop[:, 2] - crop[:, 0])[:, None] / 24 * 4  # one heatmap cell: the peak's quarter-pixel shift
+    assert (kps[..., 0] >= crop[:, None, 0] - margin).all() and (kps[..., 0] <= crop[:, None, 2] + margin).all()
+    torch.testing.assert_close(ref[names.index("reid.feature")].norm(dim=1), torch.ones(k))
+
+
+def test_predict_scene_cli_equals_the_exported_graph(tmp_path, monkeypatch, capsys):
+    """The same image through ``foundation predict --mode scene`` and through ``scene.onnx`` (written by
+    ``foundation export --format unihcp_scene``) in onnxruntime: the same people, within the graph's tolerance."""
+    import foundation.predict as predict
+    from foundation.cli import main as cli
+    from foundation.quant.onnx_export import ort_session
+
+    tasks = _tasks()
+    monkeypatch.setattr(predict, "unihcp_tasks", lambda checkpoint, device="cpu": (tasks, None))
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (*SCENE, 3), dtype=np.uint8))
+    picture.save(tmp_path / "scene.png")
+    graph = tmp_path / "graph"
+    assert cli(["export", "--checkpoint", "ckpt", "--format", "unihcp_scene", "--out", str(graph), "--scene-size",
+                str(SCENE[0]), str(SCENE[1]), "--score-threshold", "0.3"]) == 0
+    info = json.loads((graph / "scene.json").read_text())
+    assert info["input"]["shape"] == [1, 3, *SCENE] and info["tasks"]["pose"]["output"] == "pose.keypoints"
+    assert max(info["onnxruntime_max_abs_diff"].values()) < 1e-3
+    assert sorted(p.name for p in graph.iterdir()) == ["scene.json", "scene.onnx"]  # no pickle, nothing else
+    capsys.readouterr()
+    assert cli(["predict", "--checkpoint", "ckpt", "--image", str(tmp_path / "scene.png"), "--mode", "scene",
+                "--out", str(tmp_path / "pred")]) == 0
+    summary = json.loads((tmp_path / "pred" / "prediction.json").read_text())
+    people = summary["people"]
+
+    x = predict.image_tensor(Image.open(tmp_path / "scene.png"))
+    outs = dict(zip(info["outputs"], ort_session(graph / "scene.onnx").run(None, {"image": x.numpy()})))
+    valid = outs["valid"]
+    assert len(people) == int(valid.sum()) > 1
+    np.testing.assert_allclose([p["box"] for p in people], outs["boxes"][valid], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose([p["score"] for p in people], outs["scores"][valid], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose([p["keypoints"] for p in people], outs["pose.keypoints"][valid], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose([p["crops"]["parsing"] for p in people], outs["parsing.box"][valid], rtol=RTOL,
+                               atol=ATOL)
+    probs = 1 / (1 + np.exp(-outs["attributes.logits"][valid]))
+    np.testing.assert_allclose([list(p["attributes"].values()) for p in people], probs, rtol=RTOL, atol=ATOL)
+    emb = np.load(tmp_path / "pred" / "reid_embeddings.npy", allow_pickle=False)
+    np.testing.assert_allclose(emb[[p["reid_embedding_row"] for p in people]], outs["reid.feature"][valid],
+                               rtol=RTOL, atol=ATOL)
+    labels = outs["parsing.probs"][valid].argmax(1)
+    assert [p["parsing_classes_present"] for p in people] == [sorted(set(np.unique(lab).tolist()) - {0})
+                                                              for lab in labels]
+    # a checkpoint without a detection task cannot make a scene graph: one line, exit 2
+    monkeypatch.setattr(predict, "unihcp_tasks", lambda checkpoint, device="cpu": (
+        {"pose": tasks["pose"]}, None))
+    assert cli(["export", "--checkpoint", "ckpt", "--format", "unihcp_scene", "--out", str(tmp_path / "g2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a detection task" in err[0]
