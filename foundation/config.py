@@ -45,6 +45,38 @@ class AugmentConfig(Section):
     crop_pct: float = 1.0  # evaluation: resize to size / crop_pct, then centre crop
 
 
+class ShortSideResize(Section):
+    """Per-image input sizes with the aspect kept (DETR's and UniHCP's released detection pipeline,
+    ``core/data/transforms/peddet_transforms.py``): the short side is resized to S and the long side capped at
+    ``max_long`` (S lowered until it fits), then the input is padded bottom/right to a multiple of ``multiple``
+    with 0 after normalisation (the release's ``round_padding``). Training draws S from ``short`` per image;
+    evaluation and ``foundation predict`` use ``eval_short``. Read by human-centric data only."""
+
+    short: list[int] = Field(min_length=1)  # training: S drawn uniformly per image (release: 480, 512, ..., 800)
+    eval_short: int = Field(gt=0)  # evaluation / prediction S (release: 800)
+    max_long: int = Field(gt=0)  # the long side never exceeds this (release: 1333)
+    multiple: int = Field(16, gt=0)  # padded to a multiple of this; the ViT's patch must divide it (release: 16)
+    # the release's RandomSelect: with this probability, resize to a short side drawn from crop_short (no cap), crop
+    # a random crop_size[0]..crop_size[1] region (each side, capped at the image), then resize as above (DETR)
+    crop_prob: float = Field(0.0, ge=0, le=1)
+    crop_short: list[int] = [400, 500, 600]
+    crop_size: tuple[int, int] = (384, 600)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ShortSideResize:
+        for key, values in (("short", self.short), ("crop_short", self.crop_short), ("crop_size", self.crop_size)):
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{key}: {list(values)} must be positive")
+        for key, values in (("short", self.short), ("eval_short", [self.eval_short])):
+            if max(values) > self.max_long:
+                raise ValueError(f"{key}: a short side of {max(values)} is longer than max_long {self.max_long}")
+        if self.crop_size[0] > self.crop_size[1]:
+            raise ValueError(f"crop_size: {list(self.crop_size)} must be [min, max]")
+        if self.crop_prob > 0 and min(self.crop_short) < self.crop_size[0]:
+            raise ValueError(f"crop_short: {min(self.crop_short)} is below the smallest crop {self.crop_size[0]}")
+        return self
+
+
 class DataConfig(Section):
     """Where samples come from and how they become tensors.
 
@@ -79,6 +111,9 @@ class DataConfig(Section):
     # ReID P x K batches with data.human: each training sample brings K - 1 more images of its identity (drawn
     # from the train split's shards), so a batch of P samples holds P identities x K images. 1: off
     id_instances: int = Field(1, ge=1)
+    # with data.human: per-image sizes (aspect kept, short side S, long side <= L, padded to a multiple) instead of
+    # the letterbox; data.image_size then only sizes fixed-size consumers (the exported graph, robustness)
+    resize: ShortSideResize | None = None
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -93,6 +128,11 @@ class DataConfig(Section):
         if not isinstance(self.image_size, int) and not self.human:
             raise ValueError("data.image_size: a [height, width] rectangle is read by human-centric data only "
                              "(data.human: true); other tasks take one side of a square")
+        if self.resize is not None and not self.human:
+            raise ValueError("data.resize: per-image sizes are read by human-centric data only (data.human: true)")
+        if self.resize is not None and self.id_instances > 1:
+            raise ValueError("data.resize: per-image sizes cannot stack the K views of data.id_instances; use "
+                             "data.image_size")
         return self
 
     @model_validator(mode="after")

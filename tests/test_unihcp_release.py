@@ -139,3 +139,15 @@ def test_layer_decay_and_optimizer(recipe):
 def test_inputs_keep_the_released_aspect_ratios(recipe):
     for name, hw in RELEASE["inputs"].items():
         assert recipe.tasks[name].data.input_hw == tuple(hw), name
+
+
+def test_detection_inputs_are_the_released_per_image_sizes(recipe):
+    """Aspect kept, the release's short sides and cap, its crop branch, padding and batch per card; the per-task
+    accumulation (4) is the one value not reproduced (train.grad_accum is shared by every task)."""
+    entry, r = recipe.tasks["detection"], RELEASE["detection_inputs"]
+    rs = entry.data.resize
+    assert (rs.short, rs.max_long, rs.eval_short, rs.multiple) == (
+        r["train_short"], r["max_long"], r["eval_short"], r["pad_multiple"])
+    assert (rs.crop_prob, rs.crop_short, list(rs.crop_size)) == (r["crop_prob"], r["crop_short"], r["crop_size"])
+    assert entry.batch_size == r["batch_size"]
+    assert recipe.train.grad_accum == 1 != r["batch_accumulation"]

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from foundation.config import DataConfig
-from foundation.data.human_transforms import HumanDecodeError, collate_targets, decode_human_sample
+from foundation.data.human_transforms import HumanDecodeError, collate_targets, decode_human_sample, pad_images
 from foundation.data.manifest import is_remote, read_manifest
 from foundation.data.tars import Reporter, first_samples
 from foundation.data.transforms import build_eval_transform, build_train_transform, decode_image
@@ -99,7 +99,11 @@ def _first(sample: dict, keys: list[str]) -> bytes | None:
 
 def collate(items: list[dict], tokenizer: Tokenizer | None, eval_fields: bool) -> dict:
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch
-    batch: dict = {"image": default_collate([it["image"] for it in items])}
+    images = [it["image"] for it in items]
+    if "targets" in items[0] and any(x.shape != images[0].shape for x in images):  # data.resize: per-image sizes
+        batch: dict = {"image": pad_images(images)}
+    else:
+        batch = {"image": default_collate(images)}
     if "image2" in items[0]:
         batch["image2"] = default_collate([it["image2"] for it in items])
     if "targets" in items[0]:  # data.human

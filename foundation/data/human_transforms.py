@@ -7,7 +7,10 @@ square, or a ``[height, width]`` rectangle (``data.input_hw``: UniHCP's released
 inputs), so one affine map ``x' = s·x + o`` (one scale for both axes) takes source pixels to input pixels; training adds a scale
 jitter (×0.75-1.25 about the centre, as UniHCP's pose/parsing pipelines) and a horizontal flip (p =
 ``data.augment.hflip``) that also swaps left/right keypoints and parsing classes (pairs from the
-manifest's names). Random numbers come from Python's / numpy's global generators, which the reader
+manifest's names). ``data.resize`` (detection) replaces the letterbox with per-image sizes, as UniHCP's released
+detection pipeline: aspect kept, short side S (training: drawn per image, with the release's optional crop), long
+side ≤ L, then padded bottom/right to a multiple of the patch with 0 after normalisation; the same one-scale map
+(plus the crop's offset) holds, and ``pad_images`` batches different sizes. Random numbers come from Python's / numpy's global generators, which the reader
 reseeds per sample from its position in the stream, so augmentation is exact across resumes.
 
 Output ``{"key", "image": (3, H, W) float normalised, "targets": {...}}`` (H × W the input size); the targets per kind:
@@ -35,8 +38,9 @@ import random
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
-from foundation.config import DataConfig
+from foundation.config import DataConfig, ShortSideResize
 from foundation.data.humans import COCO_KEYPOINTS, REID_SPLITS, SEG_KEY, TASK_KINDS, flip_pairs
 from foundation.data.manifest import read_manifest
 
@@ -143,6 +147,49 @@ def _affine(w: int, h: int, size: int | tuple[int, int], train: bool) -> tuple[f
     offset = np.array([(tw - s * w) / 2, (th - s * h) / 2], np.float64)
     return s, offset
 
+def _short_side_hw(h: int, w: int, short: int, max_long: int | None) -> tuple[int, int]:
+    """(height, width) with the short side ``short`` and the long side at most ``max_long`` (``short`` lowered
+    until it fits), truncated to whole pixels: DETR's ``get_size_with_aspect_ratio``, as UniHCP releases it."""
+    if max_long is not None and max(w, h) / min(w, h) * short > max_long:
+        short = int(round(max_long * min(w, h) / max(w, h)))
+    if min(w, h) == short:
+        return h, w
+    return (int(short * h / w), short) if w < h else (short, int(short * w / h))
+
+
+def _per_image_affine(w: int, h: int, rs: ShortSideResize, train: bool) -> tuple[float, np.ndarray, tuple[int, int]]:
+    """``data.resize``: the scale and offset taking source pixels to input pixels, and the input's (height, width)
+    before padding. Training draws the short side from ``rs.short`` and, with probability ``rs.crop_prob``, first
+    resizes to one of ``rs.crop_short`` and crops a random region (the release's RandomSelect: a crop is one more
+    offset)."""
+    if train and random.random() < rs.crop_prob:
+        h1, w1 = _short_side_hw(h, w, random.choice(rs.crop_short), None)
+        s1 = min(h1, w1) / min(h, w)
+        cw = random.randint(rs.crop_size[0], min(w1, rs.crop_size[1]))
+        ch = random.randint(rs.crop_size[0], min(h1, rs.crop_size[1]))
+        top, left = random.randint(0, h1 - ch), random.randint(0, w1 - cw)
+        oh, ow = _short_side_hw(ch, cw, random.choice(rs.short), rs.max_long)
+        s2 = min(oh, ow) / min(ch, cw)
+        return s1 * s2, np.array([-left * s2, -top * s2], np.float64), (oh, ow)
+    oh, ow = _short_side_hw(h, w, random.choice(rs.short) if train else rs.eval_short, rs.max_long)
+    return min(oh, ow) / min(h, w), np.zeros(2, np.float64), (oh, ow)
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(C, H, W) padded bottom/right with 0 (after normalisation, as the release's ``round_padding``) to a
+    multiple of ``multiple`` on both sides."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % multiple, 0, -h % multiple), value=0.0)
+
+
+def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Images of different sizes (``data.resize``) as one batch: each padded bottom/right with 0 to the largest
+    height and width (the top-left origin is kept, so each sample's scale and offset still hold)."""
+    h = max(x.shape[-2] for x in images)
+    w = max(x.shape[-1] for x in images)
+    return torch.stack([F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]), value=0.0) for x in images])
+
+
 
 def _warp(img: Image.Image, s: float, offset: np.ndarray, size: int | tuple[int, int], resample, fill) -> Image.Image:
     # PIL's affine maps output pixels to input pixels: x_in = (x_out - o) / s
@@ -168,10 +215,13 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
     info = _manifest_task(str(sample.get("__url__", "")))
     kind = _kind(sample, info)
     size = cfg.image_size
-    th, tw = _hw(size)
     img = _image(sample, [k for k in cfg.image_key.split(";") if k])
     w, h = img.size
-    s, offset = _affine(w, h, size, train)
+    if cfg.resize is not None:  # per-image sizes; the padding to a multiple is added after normalisation
+        s, offset, size = _per_image_affine(w, h, cfg.resize, train)
+    else:
+        s, offset = _affine(w, h, size, train)
+    th, tw = _hw(size)
     flip = train and random.random() < cfg.augment.hflip
     bilinear = Image.Resampling.BILINEAR
     out_img = _warp(img, s, offset, size, bilinear, (0, 0, 0))
@@ -280,13 +330,20 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
                        src_ignore=torch.tensor(src_ignore, dtype=torch.float32).reshape(-1, 4))
     if flip:
         out_img = out_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return {"key": sample.get("__key__", ""), "image": _normalise(out_img, cfg), "targets": targets}
+    image = _normalise(out_img, cfg)
+    if cfg.resize is not None:
+        image = _pad_to_multiple(image, cfg.resize.multiple)
+    return {"key": sample.get("__key__", ""), "image": image, "targets": targets}
 
 
 def letterbox_image(img: Image.Image, cfg: DataConfig) -> tuple[torch.Tensor, float, np.ndarray]:
     """An image as evaluation sees it: letterboxed to ``data.image_size`` and normalised, (3, H, W), with the
     scale and offset that map source pixels to input pixels (``foundation predict``)."""
     img = img.convert("RGB")
+    if cfg.resize is not None:  # per-image size: the evaluation short side, padded to the multiple
+        s, offset, size = _per_image_affine(img.width, img.height, cfg.resize, train=False)
+        x = _normalise(_warp(img, s, offset, size, Image.Resampling.BILINEAR, (0, 0, 0)), cfg)
+        return _pad_to_multiple(x, cfg.resize.multiple), s, offset
     s, offset = _affine(img.width, img.height, cfg.image_size, train=False)
     return _normalise(_warp(img, s, offset, cfg.image_size, Image.Resampling.BILINEAR, (0, 0, 0)), cfg), s, offset
 
@@ -305,4 +362,4 @@ def collate_targets(items: list[dict]) -> dict:
     return out
 
 
-__all__ = ["HumanDecodeError", "collate_targets", "decode_human_sample", "letterbox_image"]
+__all__ = ["HumanDecodeError", "collate_targets", "decode_human_sample", "letterbox_image", "pad_images"]

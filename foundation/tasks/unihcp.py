@@ -7,7 +7,8 @@ UniHCP task with its ``task.unihcp`` sizes; the others must agree) through ``Sha
 references, so the only parameters a task owns are its queries (and detection's box MLP, ReID's
 BN + classifier). A single-task recipe builds its own encoder and decoder (fine-tuning one task).
 
-Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, H, W) (``data.image_size``: a square or a rectangle) and
+Batches come from human-centric shards with ``data.human: true``: ``image`` (B, 3, H, W) (``data.image_size``: a square or a
+rectangle; detection may take per-image sizes with ``data.resize``, H × W then varying from batch to batch) and
 ``targets`` (foundation/data/human_transforms.py). The loss sums every supervised decoder layer's loss
 (deep supervision: as released, every layer and the initial prediction for pose, parsing and detection,
 the last layer for attributes and ReID); the logged terms are the last layer's.
@@ -90,6 +91,15 @@ class UniHCPTask(nn.Module):
         if not isinstance(data.image_size, int) and any(v % p for v, p in zip(data.input_hw, patch)):
             raise RecipeError(f"task {task.name}: data.image_size {list(data.input_hw)} must be a multiple of the "
                               f"ViT's {patch[0]} x {patch[1]} patch (the token grid and the stride-4 maps follow it)")
+        if data.resize is not None and cls.kind != "detection":
+            raise RecipeError(f"task {task.name}: data.resize (per-image sizes) is read by unihcp_detection only; "
+                              f"{cls.kind} takes data.image_size")
+        if data.resize is not None and any(data.resize.multiple % p for p in patch):
+            raise RecipeError(f"task {task.name}: data.resize.multiple {data.resize.multiple} must be a multiple of "
+                              f"the ViT's {patch[0]} x {patch[1]} patch (inputs are padded to it)")
+        if data.resize is not None and not getattr(encoder, "dynamic_img_size", False):
+            raise RecipeError(f"task {task.name}: data.resize needs model.kwargs.dynamic_img_size: true (the position "
+                              "grid interpolated to each input's token grid)")
         if cfg.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
         sizes = {f: getattr(cfg, f) for f in DECODER_FIELDS}
