@@ -62,6 +62,16 @@ def _to_source(xy: Tensor, targets: dict) -> Tensor:
     return (xy - targets["offset"][:, None].to(xy)) / targets["scale"][:, None, None].to(xy)
 
 
+def _keypoints_to_source(xy: Tensor, targets: dict) -> Tensor:
+    """Keypoints (B, K, 2) at input pixel centres → source pixel centres: through the inverse of each top-down
+    crop's affine (``data.pose_crop: top_down``), else through the letterbox's scale and offset."""
+    if "affine" in targets:
+        m = targets["affine"].to(torch.float64)  # (B, 2, 3): source → input
+        src = torch.linalg.solve(m[:, :, :2], (xy.to(torch.float64) - m[:, None, :, 2]).transpose(1, 2))
+        return src.transpose(1, 2).to(xy.dtype)
+    return _to_source(xy + 0.5, targets) - 0.5  # the letterbox's map is written for pixel edges
+
+
 @torch.no_grad()
 def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
                   all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None,
@@ -89,7 +99,7 @@ def evaluate_pose(model: nn.Module, loader: Iterable[dict], device="cpu",
                 perm[a], perm[c] = c, a
             vis = (vis + mirrored["logits"].float().cpu().sigmoid()[:, perm]) / 2
         xy, val = heatmap_peaks(maps, size / maps.shape[-1])
-        src = _to_source(xy + 0.5, t) - 0.5  # the decoder put keypoints on pixel centres
+        src = _keypoints_to_source(xy, t)  # the decoder put keypoints on pixel centres
         for i in range(len(maps)):
             labels.append({"keypoints": t["src_keypoints"][i].tolist(), "box": t["box"][i].tolist(),
                            "area": float(t["area"][i])})

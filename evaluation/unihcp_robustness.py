@@ -142,6 +142,9 @@ def letterbox_resize(cfg, lib: str, method: str, antialias: bool | None = None):
     from evaluation.sysnoise import resize
 
     def fn(rgb: np.ndarray, targets: dict) -> Tensor:
+        if "affine" in targets:
+            raise ValueError("the SysNoise resize axis re-renders the letterbox; top-down pose crops "
+                             "(data.pose_crop: top_down) are not a letterbox: run it with data.pose_crop=letterbox")
         s, (ox, oy) = float(targets["scale"]), (float(v) for v in targets["offset"])
         in_h, in_w = cfg.input_hw
         h, w = rgb.shape[:2]

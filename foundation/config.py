@@ -28,6 +28,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TopDownConfig(Section):
+    """UniHCP's released top-down pose crop (``data.pose_crop: top_down``): mmpose's TopDown pipeline as the
+    release's COCOPosDatasetDev builds it (OpenGVLab/UniHCP ``core/data/datasets/images/pos_dataset_dev.py``,
+    ``core/data/transforms/pose_transforms.py``). The horizontal flip's probability is ``data.augment.hflip``."""
+
+    padding: float = Field(1.25, gt=0)  # the aspect-expanded box x padding (_xywh2cs: scale * 1.25)
+    # training: box size x clip(N(1, sf), 1 - sf, 1 + sf) (TopDownGetRandomScaleRotation scale_factor 0.5)
+    scale_factor: float = Field(0.5, ge=0, lt=1)
+    rot_factor: float = Field(40.0, ge=0)  # training: rotation clip(N(0, rf), -2 rf, 2 rf) degrees (rot_factor 40)
+    rot_prob: float = Field(0.6, ge=0, le=1)  # ... applied with this probability (rot_prob's default 0.6)
+
+
 class AugmentConfig(Section):
     """Training-time image augmentation, passed to ``timm.data.create_transform``."""
 
@@ -91,6 +103,11 @@ class DataConfig(Section):
     # one side of a square input, or with data.human a rectangle [height, width] (UniHCP's released
     # aspect-preserving inputs: pose 256 x 192, ReID 256 x 128); ``input_hw`` gives (height, width) either way
     image_size: int | tuple[int, int] = 224
+    # pose samples with data.human: "letterbox" the whole sample into data.image_size (aspect kept, the rest
+    # black), or "top_down" as UniHCP's release: the person box expanded to the input's aspect x
+    # data.top_down.padding, jittered (scale, rotation, flip) when training, one affine warp into data.image_size
+    pose_crop: Literal["letterbox", "top_down"] = "letterbox"
+    top_down: TopDownConfig = Field(default_factory=TopDownConfig)
     in_chans: Literal[1, 3] = 3  # images are converted to L (1) or RGB (3)
     mean: tuple[float, ...] | None = None  # None: ImageNet statistics
     std: tuple[float, ...] | None = None
@@ -141,6 +158,12 @@ class DataConfig(Section):
             n = len(self.train.split("::"))
             if len(self.weights) != n:
                 raise ValueError(f"data.weights has {len(self.weights)} entries but data.train names {n} sources")
+        return self
+
+    @model_validator(mode="after")
+    def _pose_crop_needs_human(self) -> DataConfig:
+        if self.pose_crop != "letterbox" and not self.human:
+            raise ValueError(f"data.pose_crop: {self.pose_crop!r} crops human-centric pose samples (data.human: true)")
         return self
 
 
@@ -417,7 +440,14 @@ class TaskEntry(Section):
     def _has_data(self) -> TaskEntry:
         if not self.data.train:
             raise ValueError("data.train is not set: every task reads its own shards")
+        _pose_crop_task(self.task, self.data)
         return self
+
+
+def _pose_crop_task(task: TaskConfig, data: DataConfig) -> None:
+    if data.pose_crop != "letterbox" and task.name != "unihcp_pose":
+        raise ValueError(f"data.pose_crop: {data.pose_crop!r} is the pose crop; task {task.name!r} reads its samples "
+                         "whole (letterbox)")
 
 
 class Recipe(Section):
@@ -438,6 +468,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _multi_task(self) -> Recipe:
         if self.tasks is None:
+            _pose_crop_task(self.task, self.data)
             if self.train.schedule != "mix":
                 raise ValueError(f"train.schedule: {self.train.schedule!r} needs several tasks (a tasks: section)")
             return self

@@ -48,6 +48,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--caption-column", help="table: caption column (default: caption, text, title)")
     b.add_argument("--label-column", help="table: label column (default: label, class, category)")
     b.add_argument("--image-root", help="table: folder the image paths are relative to (default: the table's)")
+    b.add_argument("--pose-context", type=float, default=0.0,
+                   help="coco_keypoints: 0 stores the padded top-down box; F > 0 the square around it that a box "
+                        "scaled by up to F and rotated reads (data.pose_crop top_down trains with F = 1.5)")
     b.set_defaults(func=_build)
 
     f = dsub.add_parser("fashion-mnist", help="Fashion-MNIST → train (60,000) / val (10,000) shards",
@@ -137,12 +140,15 @@ def _options(args: argparse.Namespace):
 
     if args.max_samples_per_shard < 1 or args.max_bytes_per_shard < 1:
         raise DataError("--max-samples-per-shard and --max-bytes-per-shard must be positive")
+    if getattr(args, "pose_context", 0.0) < 0:
+        raise DataError("--pose-context must be 0 (the padded box) or positive")
     return BuildOptions(
         split=getattr(args, "split", "train"), val_fraction=getattr(args, "val_fraction", 0.0),
         seed=getattr(args, "seed", 0), shuffle=not getattr(args, "no_shuffle", False), captions=args.captions,
         class_names=_class_names(getattr(args, "class_names", None)), image_column=getattr(args, "image_column", None),
         caption_column=getattr(args, "caption_column", None), label_column=getattr(args, "label_column", None),
-        image_root=getattr(args, "image_root", None), workers=args.workers, max_count=args.max_samples_per_shard,
+        image_root=getattr(args, "image_root", None), pose_context=getattr(args, "pose_context", 0.0),
+        workers=args.workers, max_count=args.max_samples_per_shard,
         max_bytes=args.max_bytes_per_shard, overwrite=args.overwrite, command=_command(args),
     )
 

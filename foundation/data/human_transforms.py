@@ -18,13 +18,21 @@ Output ``{"key", "image": (3, H, W) float normalised, "targets": {...}}`` (H × 
 | kind | targets |
 |---|---|
 | pose | ``keypoints`` (K, 3) input pixels + v (0 after leaving the image), ``src_keypoints`` (K, 3), ``box`` (4,) xywh source, ``area`` |
+| pose, ``data.pose_crop: top_down`` | the same, and ``affine`` (2, 3): source pixel centres → input pixel centres, in place of ``scale`` / ``offset`` |
 | parsing | ``label_map`` (H, W) long, 255 = ignore (padding included) |
 | attributes | ``attributes`` (A,) long: 1 / 0 / -1 |
 | reid | ``label`` (training id index, -1 off the training split), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery) |
 | parsing (evaluation) | ``src_label_map`` (H, W) uint8: the label map at the source resolution |
 | detection | ``boxes`` (N, 4) xyxy input pixels, ``ignore`` (M, 4) xyxy input pixels, ``src_boxes``, ``src_ignore`` (xywh source) |
 
-plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kind``. ``collate_targets``
+plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kind``.
+
+Pose with ``data.pose_crop: top_down`` is cropped as UniHCP's release crops it (mmpose's top-down pipeline with
+UDP, ``core/data/datasets/images/pos_dataset_dev.py``): ``top_down_box`` grows the person box to the input's
+aspect and pads it ×1.25; training flips the source (p = ``data.augment.hflip``), scales the box by
+clip(N(1, 0.5), 0.5, 1.5) and, with probability 0.6, rotates by clip(N(0, 40), -80, 80) degrees
+(``data.top_down``); ``top_down_matrix`` then warps the source into ``data.image_size`` in one bilinear
+``cv2.warpAffine`` (black outside the source). No letterbox bars: the crop has the input's aspect. ``collate_targets``
 stacks equal-shape tensors and keeps the rest (boxes of several people) as lists.
 """
 
@@ -191,6 +199,95 @@ def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 
+def top_down_box(box_xywh, aspect_wh: float, padding: float = 1.25) -> tuple[float, float, float, float]:
+    """The released top-down crop of a person box ``[x, y, w, h]``: ``(cx, cy, w, h)`` in the box's pixels.
+
+    The centre is the box's (``x + w/2, y + h/2``); the side that is short for ``aspect_wh`` (the input's width /
+    height, 192 / 256 for pose) grows so that ``w / h == aspect_wh`` (a box already at that aspect is kept), then
+    both sides × ``padding`` (1.25 as released). mmpose's ``_xywh2cs`` (UniHCP ``pos_dataset_dev.py``), without
+    its ÷ 200 ``pixel_std``."""
+    x, y, w, h = (float(v) for v in box_xywh)
+    cx, cy = x + w * 0.5, y + h * 0.5
+    if w > aspect_wh * h:
+        h = w / aspect_wh
+    elif w < aspect_wh * h:
+        w = h * aspect_wh
+    return cx, cy, w * padding, h * padding
+
+
+def top_down_matrix(center: tuple[float, float], size_wh: tuple[float, float], out_hw: tuple[int, int],
+                    rotation: float = 0.0) -> np.ndarray:
+    """(2, 3) float64: source pixel centres → input pixel centres for the crop of ``size_wh`` about ``center``,
+    rotated by ``rotation`` degrees, into ``out_hw`` (height, width). UDP's unbiased warp as released
+    (``get_warp_matrix(r, 2c, out - 1, size)``, UniHCP ``core/data/transforms/post_transforms.py``): the centre
+    lands on ((W-1)/2, (H-1)/2) and the crop's width on W - 1 pixel steps."""
+    th, tw = out_hw
+    theta = np.deg2rad(rotation)
+    cos, sin = np.cos(theta), np.sin(theta)
+    sx, sy = (tw - 1.0) / size_wh[0], (th - 1.0) / size_wh[1]
+    cx, cy = center
+    return np.array([[cos * sx, -sin * sx, sx * (-cx * cos + cy * sin + 0.5 * size_wh[0])],
+                     [sin * sy, cos * sy, sy * (-cx * sin - cy * cos + 0.5 * size_wh[1])]], np.float64)
+
+
+def affine_points(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Points (..., 2) through a (2, 3) affine."""
+    return xy @ m[:, :2].T + m[:, 2]
+
+
+def invert_affine(m: np.ndarray) -> np.ndarray:
+    """The (2, 3) affine undoing ``m`` (input pixels → source pixels for a top-down crop)."""
+    a = np.linalg.inv(m[:, :2])
+    return np.concatenate([a, -a @ m[:, 2:]], 1)
+
+
+def _top_down_pose(sample: dict, img: Image.Image, cfg: DataConfig, train: bool, info: dict) -> dict:
+    """``data.pose_crop: top_down``: the release's crop of the person box (see the module docstring)."""
+    import cv2
+
+    th, tw = cfg.input_hw
+    labels = _labels(sample)
+    kps = np.asarray(labels.get("keypoints", []), np.float64).reshape(-1, 3)
+    if not len(kps):
+        raise HumanDecodeError("pose sample without keypoints")
+    w, h = img.size
+    box = np.asarray(labels.get("box", [0, 0, w, h]), np.float64).reshape(4)
+    if not (box[2] > 0 and box[3] > 0):
+        raise HumanDecodeError(f"pose box {box.tolist()} has no area")
+    td = cfg.top_down
+    cx, cy, bw, bh = top_down_box(box, tw / th, td.padding)
+    flip_src = np.array([[1.0, 0, 0], [0, 1, 0]])
+    rotation = 0.0
+    flip = train and random.random() < cfg.augment.hflip
+    if train:  # the release's order: flip the source (and the centre), then scale and rotation
+        if flip:
+            flip_src = np.array([[-1.0, 0, w - 1], [0, 1, 0]])  # fliplr_joints: x -> width - 1 - x
+            cx = w - 1 - cx
+        sf, rf = td.scale_factor, td.rot_factor
+        factor = float(np.clip(np.random.randn() * sf + 1, 1 - sf, 1 + sf))
+        bw, bh = bw * factor, bh * factor
+        r = float(np.clip(np.random.randn() * rf, -2 * rf, 2 * rf))
+        rotation = r if np.random.rand() <= td.rot_prob else 0.0
+    m = top_down_matrix((cx, cy), (bw, bh), (th, tw), rotation)
+    m = np.concatenate([m[:, :2] @ flip_src[:, :2], (m[:, :2] @ flip_src[:, 2:] + m[:, 2:])], 1)  # m ∘ flip
+    rgb = cv2.warpAffine(np.asarray(img), m, (tw, th), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=(0, 0, 0))
+    out = kps.copy()
+    out[:, :2] = affine_points(m, kps[:, :2])
+    if flip:
+        pairs = info.get("flip_pairs") or (flip_pairs(COCO_KEYPOINTS) if len(kps) == 17 else [])
+        for a, b in pairs:
+            out[[a, b]] = out[[b, a]]
+    inside = (out[:, 0] >= 0) & (out[:, 0] < tw) & (out[:, 1] >= 0) & (out[:, 1] < th)
+    out[~inside, 2] = 0
+    targets = {"kind": "pose", "affine": torch.tensor(m, dtype=torch.float64), "size": torch.tensor([h, w]),
+               "keypoints": torch.tensor(out, dtype=torch.float32),
+               "src_keypoints": torch.tensor(kps, dtype=torch.float32),
+               "box": torch.tensor(box, dtype=torch.float32),
+               "area": torch.tensor(float(labels.get("area") or box[2] * box[3]), dtype=torch.float32)}
+    return {"key": sample.get("__key__", ""), "image": _normalise(Image.fromarray(rgb), cfg), "targets": targets}
+
+
 def _warp(img: Image.Image, s: float, offset: np.ndarray, size: int | tuple[int, int], resample, fill) -> Image.Image:
     # PIL's affine maps output pixels to input pixels: x_in = (x_out - o) / s
     th, tw = _hw(size)
@@ -214,6 +311,8 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
     """One raw sample → ``{"key", "image", "targets"}`` (see the module docstring); ``HumanDecodeError`` on bad input."""
     info = _manifest_task(str(sample.get("__url__", "")))
     kind = _kind(sample, info)
+    if kind == "pose" and cfg.pose_crop == "top_down":
+        return _top_down_pose(sample, _image(sample, [k for k in cfg.image_key.split(";") if k]), cfg, train, info)
     size = cfg.image_size
     img = _image(sample, [k for k in cfg.image_key.split(";") if k])
     w, h = img.size
@@ -362,4 +461,5 @@ def collate_targets(items: list[dict]) -> dict:
     return out
 
 
-__all__ = ["HumanDecodeError", "collate_targets", "decode_human_sample", "letterbox_image", "pad_images"]
+__all__ = ["HumanDecodeError", "affine_points", "collate_targets", "decode_human_sample", "invert_affine",
+           "top_down_box", "top_down_matrix", "letterbox_image", "pad_images"]

@@ -50,6 +50,9 @@ class BuildOptions:
     caption_column: str | None = None
     label_column: str | None = None
     image_root: str | None = None
+    # coco_keypoints: 0 keeps the padded top-down box; F > 0 the square that box reads when scaled up to F and
+    # rotated by any angle (data.pose_crop: top_down's training jitter; the release's largest scale is 1.5)
+    pose_context: float = 0.0
     workers: int = 2
     max_count: int = 10_000
     max_bytes: int = 10**9

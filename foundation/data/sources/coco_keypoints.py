@@ -7,10 +7,14 @@ SRC is an annotation file (the split ``--split``), or a COCO root holding
 Each person annotation becomes one sample, cropped as top-down pose estimators do (HRNet / mmpose
 ``_box2cs``): the box is widened or heightened to the input aspect ratio (3:4 by default) about its
 centre, then scaled by 1.25. The crop keeps the source's pixels (no resize; outside the image is
-black); keypoints and box are moved into the crop. Crowd annotations and people without labelled
-keypoints are left out, as in training (counted in the manifest's ``source``). A box with a non-positive
-size, keypoints outside the image or a keypoint count that is not the category's, a missing or
-unreadable image are bad input: skipped and reported.
+black); keypoints and box are moved into the crop. ``--pose-context F`` (F > 0) keeps more: the square
+about the box's centre with side F × the padded box's diagonal, cut to the image: every source pixel that
+the released training jitter (``data.pose_crop: top_down``: box × up to 1.5, any rotation) reads, so the
+top-down crop made from the shard equals the one made from the source image (F = 1.5). A letterbox recipe
+wants F = 0 (the person fills the crop). Crowd annotations and people without labelled keypoints are left
+out, as in training (counted in the manifest's ``source``). A box with a non-positive size, keypoints outside
+the image or a keypoint count that is not the category's, a missing or unreadable image are bad input:
+skipped and reported.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def crop_region(box: list[float], aspect_ratio: float = ASPECT_RATIO, padding: f
     w, h = w * padding, h * padding
     x0, y0 = int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2))
     return [x0, y0, x0 + max(1, int(round(w))), y0 + max(1, int(round(h)))]
+
+
+def context_region(box: list[float], context: float, image_wh: tuple[int, int]) -> list[int]:
+    """[x0, y0, x1, y1] inside the image: the square about the top-down box's centre whose side is ``context`` ×
+    the padded box's diagonal (any rotation of the box scaled by up to ``context`` stays inside), plus a pixel
+    for the bilinear neighbours, cut to the image (outside it the warp reads black either way)."""
+    from foundation.data.human_transforms import top_down_box
+
+    cx, cy, w, h = top_down_box(box, ASPECT_RATIO, PADDING)
+    half = context * float(np.hypot(w, h)) / 2
+    x0, y0 = int(np.floor(cx - half)) - 1, int(np.floor(cy - half)) - 1
+    x1, y1 = int(np.ceil(cx + half)) + 2, int(np.ceil(cy + half)) + 2
+    return [max(x0, 0), max(y0, 0), min(x1, image_wh[0]), min(y1, image_wh[1])]
 
 
 def crop_pixels(image: np.ndarray, region: list[int]) -> np.ndarray:
@@ -120,7 +137,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
             key = f"{len(tasks):08d}_{sanitize_key(Path(file_name).stem)}_{ann_id}"
             tasks.append({"key": key, "path": str(root / file_name), "ann": str(ann), "box": a.get("bbox"),
                           "keypoints": a.get("keypoints"), "num_names": len(names), "image_id": a.get("image_id"),
-                          "area": a.get("area"),
+                          "area": a.get("area"), "context": opts.pose_context,
                           "id": ann_id, "size": [img.get("width"), img.get("height")]})
     return Plan(splits, encode, None, {"format": "coco_keypoints", "path": str(src.resolve()), "filtered": filtered},
                 manifest_extra={"human_task": info})
@@ -154,7 +171,7 @@ def encode(task: dict) -> dict:
     xy = kps[labelled, :2]
     if ((xy < 0) | (xy > [w, h])).any():
         raise Skip(f"{where}: keypoints outside the {w}x{h} image")
-    region = crop_region(box)
+    region = context_region(box, task["context"], (w, h)) if task.get("context") else crop_region(box)
     crop = crop_pixels(image, region)
     kps[labelled, :2] -= region[:2]
     buf = io.BytesIO()
