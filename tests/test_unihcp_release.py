@@ -78,6 +78,24 @@ def test_task_losses(recipe):
         rd["ign_thr"], rd["class_weight"], rd["bbox_weight"], rd["giou_weight"], rd["focal_alpha"])
 
 
+def test_pose_crops_are_the_released_top_down_crops(recipe):
+    """Pose: the box grown to the input's aspect x 1.25, flipped / scaled / rotated with the released factors,
+    warped with UDP's matrix (``data.pose_crop: top_down`` and ``data.top_down``'s values)."""
+    from foundation.data.human_transforms import top_down_box
+
+    data, r = recipe.tasks["pose"].data, RELEASE["pose_crop"]
+    assert data.pose_crop == "top_down" and r["use_udp"] is True
+    h, w = data.input_hw
+    assert w / h == r["aspect_wh"]
+    td = data.top_down
+    assert (td.padding, td.scale_factor, td.rot_factor, td.rot_prob, data.augment.hflip) == (
+        r["padding"], r["scale_factor"], r["rot_factor"], r["rot_prob"], r["flip_prob"])
+    # a tall 30 x 100 box: the width grows to 75 (3:4), then both x 1.25
+    assert top_down_box([0, 0, 30, 100], r["aspect_wh"], td.padding)[2:] == (75 * r["padding"], 100 * r["padding"])
+    for name, entry in recipe.tasks.items():  # the other tasks read their samples whole
+        assert name == "pose" or entry.data.pose_crop == "letterbox", name
+
+
 def test_position_grid(recipe):
     b = RELEASE["backbone"]
     assert recipe.model.img_size == b["img_size"] and recipe.model.drop_path_rate == b["drop_path_rate"]
