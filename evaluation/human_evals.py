@@ -223,21 +223,39 @@ def evaluate_reid_queries(model: nn.Module, loader: Iterable[dict], device="cpu"
         "queries": len(q), "gallery": len(g)}
 
 
+def _detection_batches(model: nn.Module, loader: Iterable[dict], device, max_batches: int | None):
+    """``(last layer's output, targets, (B, 2) input size of each image)``. With per-image sizes (``data.resize``:
+    the ``input_hw`` target) a batch padded to its largest image runs one image at a time at its own size, so
+    the boxes do not depend on the batch an image shares (the release evaluates with batch 1)."""
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images, t = batch["image"], batch["targets"]
+        own = t.get("input_hw")
+        if own is None or bool((own == torch.tensor(images.shape[-2:])).all()):
+            images = images.to(device, non_blocking=True)
+            yield model(images)[-1], t, torch.tensor(images.shape[-2:]).expand(len(images), 2)
+            continue
+        outs = [model(images[j:j + 1, :, :h, :w].to(device, non_blocking=True))[-1]
+                for j, (h, w) in enumerate(own.tolist())]
+        yield {k: torch.cat([o[k] for o in outs]) for k in ("logits", "boxes")}, t, own
+
+
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader: Iterable[dict], device="cpu",
                        all_reduce: Callable[[Tensor], Tensor] = lambda t: t, max_batches: int | None = None,
                        score_threshold: float = 0.05) -> dict:
     """CrowdHuman's AP, MR-2 and JI (and COCO's AP50) of every box scoring ≥ ``score_threshold`` (the
     release's ``pos_thr``; no top-k: crowded images keep their recall), in source pixels, clipped to the
-    image as CrowdHuman's evaluator clips them."""
+    image as CrowdHuman's evaluator clips them. Per-image sizes (``data.resize``): each image at its own size."""
     from torchvision.ops import box_convert
 
     was = model.training
     model.eval()
     images = []
-    for out, t, size in _batches(model, loader, device, max_batches):
+    for out, t, size in _detection_batches(model, loader, device, max_batches):
         scores = out["logits"].float().sigmoid().cpu()
-        scale = torch.tensor([size[1], size[0], size[1], size[0]], dtype=torch.float32)  # [0, 1] per axis -> pixels
+        scale = size.flip(1).repeat(1, 2).float()[:, None]  # (B, 1, 4) [w, h, w, h]: [0, 1] per axis -> pixels
         boxes = box_convert(out["boxes"].float().cpu() * scale, "cxcywh", "xyxy")  # input pixels
         src = _to_source(boxes.view(len(boxes), -1, 2), t).view_as(boxes)
         for i in range(len(scores)):

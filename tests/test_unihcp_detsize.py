@@ -164,29 +164,37 @@ def test_bad_sizes_fail_at_load_naming_the_key(resize, message):
 
 
 def test_evaluation_maps_per_image_boxes_back_to_source_pixels(monkeypatch):
-    """Oracle: a model that predicts exactly the decoded ground truth (normalised by the padded batch) →
-    evaluate_detection hands the metric the source boxes again, for a batch of two sizes (padded together)."""
+    """Oracle: a model that predicts exactly the decoded ground truth → evaluate_detection hands the metric the
+    source boxes again. A batch of two sizes (padded together) is run one image at a time at its own size."""
     import evaluation.human_evals as he
 
     cfg = _cfg()
     samples = [(_det_sample(), BOXES), (_det_sample(120, 240, [[10.0, 20.0, 40.0, 60.0]]), [[10.0, 20.0, 40.0, 60.0]])]
     batch = collate([decode_human_sample(s, cfg, train=False) for s, _ in samples], None, False)
     assert batch["image"].shape == (2, 3, 176, 176)  # 96 x 176 and 176 x 96 padded to the larger of each side
+    assert batch["targets"]["input_hw"].tolist() == [[96, 176], [176, 96]]
 
     class Oracle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
         def forward(self, images):
             h, w = images.shape[-2:]
+            b = batch["targets"]["boxes"][len(self.calls)]
+            self.calls.append((h, w))
             q = 3
-            boxes, logits = torch.zeros(len(images), q, 4), torch.full((len(images), q), -10.0)
-            for i, b in enumerate(batch["targets"]["boxes"]):
-                cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
-                boxes[i, :len(b)] = cxcywh / torch.tensor([w, h, w, h])
-                logits[i, :len(b)] = 10.0
+            boxes, logits = torch.zeros(1, q, 4), torch.full((1, q), -10.0)
+            cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
+            boxes[0, :len(b)] = cxcywh / torch.tensor([w, h, w, h])
+            logits[0, :len(b)] = 10.0
             return [{"logits": logits, "boxes": boxes}]
 
     seen = {}
     monkeypatch.setattr(he, "detection_metrics", lambda images: seen.setdefault("images", images) and {"AP": 1.0})
-    he.evaluate_detection(Oracle(), [batch])
+    oracle = Oracle()
+    he.evaluate_detection(oracle, [batch])
+    assert oracle.calls == [(96, 176), (176, 96)]
     for im, (_, src) in zip(seen["images"], samples):
         np.testing.assert_allclose(im["dt_boxes"], np.asarray(src), atol=1e-3)
 

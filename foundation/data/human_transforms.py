@@ -24,6 +24,7 @@ Output ``{"key", "image": (3, H, W) float normalised, "targets": {...}}`` (H × 
 | reid | ``label`` (training id index, -1 off the training split), ``pid``, ``camid``, ``split`` (0 train, 1 query, 2 gallery) |
 | parsing (evaluation) | ``src_label_map`` (H, W) uint8: the label map at the source resolution |
 | detection | ``boxes`` (N, 4) xyxy input pixels, ``ignore`` (M, 4) xyxy input pixels, ``src_boxes``, ``src_ignore`` (xywh source) |
+| detection, ``data.resize`` | the same, and ``input_hw`` (2,): the sample's own padded input size (a batch pads to its largest) |
 
 plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kind``.
 
@@ -155,6 +156,7 @@ def _affine(w: int, h: int, size: int | tuple[int, int], train: bool) -> tuple[f
     offset = np.array([(tw - s * w) / 2, (th - s * h) / 2], np.float64)
     return s, offset
 
+
 def _short_side_hw(h: int, w: int, short: int, max_long: int | None) -> tuple[int, int]:
     """(height, width) with the short side ``short`` and the long side at most ``max_long`` (``short`` lowered
     until it fits), truncated to whole pixels: DETR's ``get_size_with_aspect_ratio``, as UniHCP releases it."""
@@ -196,7 +198,6 @@ def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
     h = max(x.shape[-2] for x in images)
     w = max(x.shape[-1] for x in images)
     return torch.stack([F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]), value=0.0) for x in images])
-
 
 
 def top_down_box(box_xywh, aspect_wh: float, padding: float = 1.25) -> tuple[float, float, float, float]:
@@ -432,6 +433,7 @@ def decode_human_sample(sample: dict, cfg: DataConfig, train: bool) -> dict:
     image = _normalise(out_img, cfg)
     if cfg.resize is not None:
         image = _pad_to_multiple(image, cfg.resize.multiple)
+        targets["input_hw"] = torch.tensor(image.shape[-2:])  # its own padded size, before a batch pads it further
     return {"key": sample.get("__key__", ""), "image": image, "targets": targets}
 
 
