@@ -295,3 +295,27 @@ def test_converter_context_keeps_every_pixel_the_release_reads(tmp_path):
         assert (a["image"] - b["image"]).abs().max() <= 2 / 255, seed  # cv2's 1/32-px fixed point may round apart
         assert (a["image"] - b["image"]).abs().mean() < 1e-3, seed
         assert torch.allclose(a["targets"]["keypoints"], b["targets"]["keypoints"], atol=1e-3), seed
+
+
+def test_training_crop_and_the_scene_pipeline_crop_agree():
+    """The decoder's top-down crop (numpy / cv2) and the scene pipeline's (torch, foundation/models/unihcp_scene.py)
+    are one protocol: the same expanded box, the same UDP frame, the same pixels."""
+    from foundation.models.unihcp_scene import crop_boxes, crop_frame, expand_boxes
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)
+    box = [30.0, 20.0, 24.0, 60.0]
+    out = decode_human_sample(_sample(img, {0: (40, 50)}, box), DataConfig(image_size=[64, 48], **TOP_DOWN),
+                              train=False)
+    xyxy = torch.tensor([[box[0], box[1], box[0] + box[2], box[1] + box[3]]], dtype=torch.float64)
+    expanded = expand_boxes(xyxy, 48 / 64)
+    cx, cy, w, h = top_down_box(box, 48 / 64, 1.25)
+    assert expanded[0].tolist() == pytest.approx([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    centre, step = crop_frame(expanded, (64, 48))
+    inv = invert_affine(out["targets"]["affine"].numpy())  # input pixel -> source pixel
+    for p in ([0.0, 0.0], [47.0, 63.0], [12.5, 40.0]):
+        scene = centre[0].numpy() + (np.array(p) - np.array([47 / 2, 63 / 2])) * step[0].numpy()
+        assert inv[:, :2] @ p + inv[:, 2] == pytest.approx(scene)
+    theirs = crop_boxes(torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255, expanded, (64, 48))[0]
+    diff = (out["image"].double() - theirs).abs()  # PLAIN: the decoder's image is RGB / 255 too
+    assert diff.max() < 0.005 and diff.mean() < 0.002, (float(diff.max()), float(diff.mean()))  # uint8 rounding
