@@ -186,6 +186,8 @@ def task_network(checkpoint, task: str | None, device="cpu", data: str | None = 
     if len(tasks) > 1:
         raise ValueError(f"{checkpoint} holds several UniHCP tasks; choose one with --task ({', '.join(tasks)})")
     name, (t, data) = next(iter(tasks.items()))
+    if data.resize is not None:  # the deploy seam is fixed-size: per-image detection sizes are letterboxed instead
+        data = data.model_copy(update={"resize": None})
     t.eval()
     deploy = deploy_task(t, data).to(device).eval()
     return name, t, data, deploy, TaskOutputs(deploy, deploy.kind, deploy.keypoint_flip_pairs, module=deploy)

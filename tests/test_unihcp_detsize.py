@@ -222,3 +222,19 @@ def test_predict_maps_boxes_back_from_the_padded_input():
     task = SimpleNamespace(model=Model(), kind="detection", meta={})
     res = predict_image({"detection": (task, cfg)}, image)["detection"]
     np.testing.assert_allclose(res["boxes"][0], src.numpy(), atol=1e-3)
+
+
+def test_fixed_size_consumers_letterbox_a_per_image_task(monkeypatch):
+    """Robustness, SysNoise and quantize run the fixed-size deploy seam: their DataConfig drops data.resize, so a
+    2:1 sample decodes into data.image_size (64²) and the deployed network takes it (it raised a shape error)."""
+    import evaluation.unihcp_robustness as ur
+
+    cfg = _cfg()
+    task = _task(cfg)
+    monkeypatch.setattr(ur, "load_unihcp", lambda ckpt, name, device: ({"detection": (task, cfg)}, None))
+    name, _, data, deploy, outputs = ur.task_network("ckpt", None)
+    assert name == "detection" and data.resize is None and data.image_size == cfg.image_size
+    item = decode_human_sample(_det_sample(), data, train=False)
+    assert item["image"].shape == (3, 64, 64)
+    logits, boxes = deploy(item["image"][None])
+    assert boxes.shape == (1, 3 * 8, 4)
