@@ -224,16 +224,17 @@ def predict_scene(tasks: dict, image: Image.Image, boxes: list, scores: list | N
 
 
 def _paste(label: np.ndarray, crop: Sequence[float], size: tuple[int, int]) -> tuple[slice, slice, np.ndarray] | None:
-    """A label map (h, w) over the crop box (x0, y0, x1, y1) read at each scene pixel's centre (nearest), as the
-    scene rows / columns it covers and the labels there (0 where the box leaves the map)."""
+    """A label map (h, w) of the crop box (x0, y0, x1, y1; the top-down crop's UDP frame: the box's ends at the
+    map's first and last pixel centres) read at each scene pixel (nearest), as the scene rows / columns it covers
+    and the labels there (0 where the box leaves the map)."""
     x0, y0, x1, y1 = crop
     h, w = label.shape
     sx0, sy0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-    sx1, sy1 = min(int(np.ceil(x1)), size[0]), min(int(np.ceil(y1)), size[1])
+    sx1, sy1 = min(int(np.ceil(x1)) + 1, size[0]), min(int(np.ceil(y1)) + 1, size[1])
     if sx1 <= sx0 or sy1 <= sy0:
         return None
-    cols = np.floor((np.arange(sx0, sx1) + 0.5 - x0) * w / max(x1 - x0, 1e-6)).astype(np.int64)
-    rows = np.floor((np.arange(sy0, sy1) + 0.5 - y0) * h / max(y1 - y0, 1e-6)).astype(np.int64)
+    cols = np.floor((np.arange(sx0, sx1) - x0) * (w - 1) / max(x1 - x0, 1e-6) + 0.5).astype(np.int64)
+    rows = np.floor((np.arange(sy0, sy1) - y0) * (h - 1) / max(y1 - y0, 1e-6) + 0.5).astype(np.int64)
     inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None]
     part = label[rows.clip(0, h - 1)][:, cols.clip(0, w - 1)]
     return slice(sy0, sy1), slice(sx0, sx1), np.where(inside, part, 0)
@@ -340,7 +341,7 @@ def run_predict(checkpoint: str, image_path: str, task: str, out_dir: str, devic
             summary = {"checkpoint": str(checkpoint), "image": str(image_path), "png": str(out / "prediction.png"),
                        "mode": "scene", "detector": detector, "score_threshold": score_threshold,
                        "box_padding": BOX_PADDING, "crop": "the box's shorter side grown to the task's input aspect, "
-                       "x1.25 about its centre, sampled bilinearly (roi_align)"}
+                       "x1.25 about its centre, UDP warp sampled bilinearly (roi_align)"}
             summary = _write_scene(people, image, out, summary)
             (out / "prediction.json").write_text(json.dumps(summary, indent=2, default=float))
             return summary

@@ -15,7 +15,7 @@ from PIL import Image
 
 from foundation.models.unihcp import UniHCPNet, UniHCPShared
 from foundation.models.unihcp_scene import (BOX_PADDING, IMAGENET_MEAN, IMAGENET_STD, NormalisedTask, UniHCPScene,
-                                            crop_boxes, expand_boxes, letterbox_geometry)
+                                            crop_boxes, expand_boxes, letterbox_geometry, sample_region)
 
 KINDS = {"pose": 17, "parsing": 5, "attributes": 7, "reid": 3, "detection": 8}
 # each task at its own input, the encoders' position grids resampled to it (as the release's are)
@@ -70,15 +70,17 @@ def test_crop_boxes_follow_the_released_top_down_protocol():
         x0, y0, x1, y1 = expand_boxes(box, aspect)[0].tolist()
         assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((30, 60))
         assert (x1 - x0, y1 - y0) == pytest.approx((w * BOX_PADDING, h * BOX_PADDING))
-    # roi_align(aligned=True, one sample per pixel) is an exact pixel copy for an integer box of the output's size,
-    # a bilinear half-pixel blend for a half-pixel shift, and black outside the image
+    # the UDP crop: the box's ends on the output's first and last pixel centres (an integer box of w - 1 steps is
+    # an exact pixel copy), a bilinear blend for a half-pixel shift, black outside the image
     image = torch.rand(1, 3, 12, 16)
-    crop = crop_boxes(image, torch.tensor([[2.0, 3.0, 9.0, 8.0]]), (5, 7))
+    crop = crop_boxes(image, torch.tensor([[2.0, 3.0, 8.0, 7.0]]), (5, 7))
     torch.testing.assert_close(crop[0], image[0, :, 3:8, 2:9])
-    half = crop_boxes(image, torch.tensor([[2.5, 3.0, 9.5, 8.0]]), (5, 7))
+    half = crop_boxes(image, torch.tensor([[2.5, 3.0, 8.5, 7.0]]), (5, 7))
     torch.testing.assert_close(half[0], (image[0, :, 3:8, 2:9] + image[0, :, 3:8, 3:10]) / 2)
     outside = crop_boxes(image, torch.tensor([[-20.0, -20.0, -10.0, -10.0]]), (4, 4))
     assert (outside == 0).all()
+    # a region in continuous coordinates (the letterbox's): the whole image at its own size is the image
+    torch.testing.assert_close(sample_region(image, torch.tensor([[0.0, 0.0, 16.0, 12.0]]), (12, 16))[0], image[0])
     # the letterbox geometry is evaluation's (foundation.data.human_transforms.letterbox_image)
     from foundation.config import DataConfig
     from foundation.data.human_transforms import letterbox_image
@@ -86,6 +88,34 @@ def test_crop_boxes_follow_the_released_top_down_protocol():
     for size in ((32, 48), (32, 32)):
         _, s, offset = letterbox_image(Image.new("RGB", (160, 90)), DataConfig(human=True, image_size=list(size)))
         assert letterbox_geometry(160, 90, size) == pytest.approx((s, *offset))
+
+
+def test_scene_crop_is_the_training_pose_crop():
+    """The scene's pose crop of a detected box is the crop the paper recipe trains and evaluates pose on
+    (``data.pose_crop: top_down``: ``top_down_box`` + UDP's ``top_down_matrix`` through cv2.warpAffine), and its
+    keypoint map is that matrix's inverse."""
+    import cv2
+
+    from foundation.data.human_transforms import top_down_box, top_down_matrix
+    from foundation.models.unihcp_scene import crop_frame
+
+    yy, xx = np.mgrid[0:90, 0:160].astype(np.float32)
+    image = np.stack([np.sin(xx / 7) * np.cos(yy / 5), xx / 160, (yy / 90) ** 2], -1).astype(np.float32)
+    out_hw = (32, 24)
+    for x, y, w, h in ((40.0, 10.0, 30.0, 70.0), (100.5, 30.25, 50.0, 20.0), (-5.0, 50.0, 30.0, 60.0)):
+        cx, cy, bw, bh = top_down_box([x, y, w, h], out_hw[1] / out_hw[0])
+        m = top_down_matrix((cx, cy), (bw, bh), out_hw)
+        ref = cv2.warpAffine(image, m, (out_hw[1], out_hw[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=0)
+        box = expand_boxes(torch.tensor([[x, y, x + w, y + h]]), out_hw[1] / out_hw[0])
+        assert box[0].tolist() == pytest.approx([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], abs=1e-4)
+        ours = crop_boxes(torch.from_numpy(image).permute(2, 0, 1)[None], box, out_hw)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-4)  # measured: 2e-6, the edges and the outside included
+        centre, step = crop_frame(box, out_hw)
+        p = np.array([[0.0, 0.0], [23.0, 31.0], [7.5, 12.25]])  # input pixels -> scene, against the inverse
+        scene = centre.numpy() + (p - [(out_hw[1] - 1) / 2, (out_hw[0] - 1) / 2]) * step.numpy()
+        inv = cv2.invertAffineTransform(m)
+        np.testing.assert_allclose(scene, p @ inv[:, :2].T + inv[:, 2], atol=1e-4)
 
 
 def test_scene_graph_in_onnxruntime_equals_pytorch(tmp_path):
@@ -116,7 +146,7 @@ def test_scene_graph_in_onnxruntime_equals_pytorch(tmp_path):
     # every person's skeleton lies in its own pose crop (scene pixels), whose centre is its box's
     crop, kps = ref[names.index("pose.box")], ref[names.index("pose.keypoints")]
     torch.testing.assert_close((crop[:, :2] + crop[:, 2:]) / 2, (boxes[:, :2] + boxes[:, 2:]) / 2)
-    margin = (crop[:, 2] - crop[:, 0])[:, None] / 24 * 4  # one heatmap cell: the peak's quarter-pixel shift
+    margin = (crop[:, 2] - crop[:, 0])[:, None] / 23 * 2  # a heatmap cell (stride 2): the peak's quarter-pixel shift
     assert (kps[..., 0] >= crop[:, None, 0] - margin).all() and (kps[..., 0] <= crop[:, None, 2] + margin).all()
     torch.testing.assert_close(ref[names.index("reid.feature")].norm(dim=1), torch.ones(k))
 

@@ -125,6 +125,36 @@ def test_predict_draws_every_task(joint, tmp_path):
     assert cli(["predict", "--checkpoint", str(joint["run"]), "--image", str(image_path), "--task", "nope"]) == 2
 
 
+def test_scene_graph_and_predict_scene_agree_on_the_trained_run(joint, tmp_path):
+    """A trained checkpoint's scene pipeline (issue 24 items 3, 7): ``export --format unihcp_scene`` writes an inert
+    folder (the ONNX graph and JSON) whose people, run in onnxruntime, are ``predict --mode scene``'s people."""
+    from foundation.data.shards import iter_raw_samples
+    from foundation.predict import image_tensor
+    from foundation.quant.onnx_export import ort_session
+
+    raw = next(iter_raw_samples(str(joint["data"] / "detection"), "val"))
+    image_path = tmp_path / "scene.png"
+    image_path.write_bytes(raw["png"])
+    image = Image.open(image_path).convert("RGB")
+    graph = tmp_path / "graph"
+    assert cli(["export", "--checkpoint", str(joint["run"]), "--format", "unihcp_scene", "--out", str(graph),
+                "--scene-size", str(image.height), str(image.width), "--score-threshold", "0"]) == 0
+    assert sorted(p.name for p in graph.iterdir()) == ["scene.json", "scene.onnx"]
+    info = json.loads((graph / "scene.json").read_text())
+    assert set(info["tasks"]) == {"pose", "parsing", "attributes", "reid"} and info["detector"] == "detection"
+    assert max(info["onnxruntime_max_abs_diff"].values()) < 1e-3
+    assert cli(["predict", "--checkpoint", str(joint["run"]), "--image", str(image_path), "--mode", "scene",
+                "--score-threshold", "0", "--out", str(tmp_path / "pred")]) == 0
+    people = json.loads((tmp_path / "pred" / "prediction.json").read_text())["people"]
+    outs = dict(zip(info["outputs"], ort_session(graph / "scene.onnx").run(None, {"image": image_tensor(image).numpy()})))
+    valid = outs["valid"]
+    assert len(people) == int(valid.sum()) > 0
+    for key, name in (("box", "boxes"), ("score", "scores"), ("keypoints", "pose.keypoints")):
+        np.testing.assert_allclose([p[key] for p in people], outs[name][valid], rtol=1e-5, atol=1e-3, err_msg=key)
+    emb = np.load(tmp_path / "pred" / "reid_embeddings.npy", allow_pickle=False)
+    np.testing.assert_allclose(emb, outs["reid.feature"][valid], atol=1e-4)
+
+
 def test_single_task_finetune_loads_every_shared_weight(joint, tmp_path):
     from foundation.engine.transfer import apply_init
 

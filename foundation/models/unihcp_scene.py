@@ -13,11 +13,13 @@ with its own mean / std inside), and returns a tuple of fixed-shape tensors (``o
   the task's input size over its crop box; argmax over C is the label), attributes ``name.logits`` (K, A),
   ReID ``name.feature`` (K, D), L2-normalised.
 
-The crop protocol is the released code's top-down one (``_box2cs`` of its COCO pose data): the box's centre is
-kept, its shorter side grown so that w / h equals the task's input aspect, both sides × ``BOX_PADDING`` (1.25),
-and the crop sampled bilinearly (``torchvision.ops.roi_align``, ``aligned=True``, one sample per output pixel:
-the affine warp's point sampling; black outside the image). The detector's input is the scene letterboxed to
-its input size (``letterbox_image``'s scale and offset) by the same sampling. ``foundation predict --mode
+The crop protocol is the released code's top-down one (``_xywh2cs`` of its COCO pose data, ``use_udp: True``):
+the box's centre is kept, its shorter side grown so that w / h equals the task's input aspect, both sides
+× ``BOX_PADDING`` (1.25), and the crop is UDP's warp (the box's centre at the input's centre, its width over the
+input's w − 1 pixel steps), sampled bilinearly by ``torchvision.ops.roi_align`` (``aligned=True``, one sample
+per output pixel: the affine warp's point sampling; black outside the image). Keypoints come back through the
+warp's inverse. The detector's input is the scene letterboxed to its input size (``letterbox_image``'s scale
+and offset) by the same sampling. ``foundation predict --mode
 scene`` runs this module, so the CLI and the exported graph compute the same people.
 """
 
@@ -48,13 +50,33 @@ def expand_boxes(boxes: Tensor, aspect: float, padding: float = BOX_PADDING) -> 
     return torch.cat([c - half, c + half], 1)
 
 
-def crop_boxes(image: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """(1, 3, H, W) image, boxes (K, 4) in its pixels → (K, 3, h, w) crops: bilinear, one sample per output
-    pixel at its centre (an affine warp's sampling), 0 outside the image."""
+def sample_region(image: Tensor, regions: Tensor, size: tuple[int, int]) -> Tensor:
+    """(1, 3, H, W) image → (K, 3, h, w): output pixel (i, j) is the bilinear sample at the centre of its cell of
+    region k (x0, y0, x1, y1, continuous pixel coordinates: pixel i covers [i, i + 1)), 0 outside the image —
+    ``roi_align(aligned=True)`` with one sample per output pixel, an affine warp's point sampling."""
     from torchvision.ops import roi_align
 
-    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
+    rois = torch.cat([torch.zeros_like(regions[:, :1]), regions], 1)
     return roi_align(image, rois, size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
+def crop_boxes(image: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """The release's top-down crop (UDP, ``use_udp: True``): box k's centre at the output's centre, its sides
+    spanning the output's first to last pixel centre (w − 1 steps), so output pixel j samples the scene at
+    ``centre + (j − (w − 1) / 2) · step`` with ``step = box width / (w − 1)`` (pixel-index coordinates, as the
+    release reads a box's numbers); bilinear, black outside the image. (1, 3, H, W), (K, 4) → (K, 3, h, w)."""
+    h, w = size
+    centre, step = crop_frame(boxes, size)
+    half = step * torch.tensor([w / 2, h / 2], dtype=boxes.dtype, device=boxes.device)
+    return sample_region(image, torch.cat([centre + 0.5 - half, centre + 0.5 + half], 1), size)
+
+
+def crop_frame(boxes: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Centre (K, 2) and per-axis step (K, 2) of ``crop_boxes``' map: input pixel p ↦ centre + (p − (size − 1) / 2)
+    · step in the scene (x, y; pixel-index coordinates)."""
+    h, w = size
+    steps = torch.tensor([max(w - 1, 1), max(h - 1, 1)], dtype=boxes.dtype, device=boxes.device)
+    return (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / steps
 
 
 def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float]:
@@ -129,7 +151,7 @@ class UniHCPScene(nn.Module):
         s, ox, oy = letterbox_geometry(int(width), int(height), (th, tw))
         # the letterbox is the crop of the source region the detector's input covers
         region = torch.tensor([[-ox / s, -oy / s, (tw - ox) / s, (th - oy) / s]], dtype=image.dtype, device=image.device)
-        logits, cxcywh = self.detector(crop_boxes(image, region, (th, tw)))
+        logits, cxcywh = self.detector(sample_region(image, region, (th, tw)))
         scores = logits[0].sigmoid()
         scale = torch.tensor([tw, th], dtype=image.dtype, device=image.device)
         centre, size = cxcywh[0, :, :2] * scale, cxcywh[0, :, 2:] * scale
@@ -152,9 +174,9 @@ class UniHCPScene(nn.Module):
             if kind == "pose":
                 logits, maps = res
                 xy, _ = heatmap_peaks(maps, w / maps.shape[-1])
-                size = torch.stack([crop[:, 2] - crop[:, 0], crop[:, 3] - crop[:, 1]], 1)
-                scale = size / torch.tensor([w, h], dtype=size.dtype, device=size.device)
-                xy = crop[:, None, :2] + (xy + 0.5) * scale[:, None] - 0.5  # input pixels -> scene pixels
+                centre, step = crop_frame(crop, (h, w))
+                middle = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=xy.dtype, device=xy.device)
+                xy = centre[:, None] + (xy - middle) * step[:, None]  # input pixels -> scene pixels (UDP's inverse)
                 value = torch.cat([xy, logits.sigmoid()[..., None]], -1)
             elif kind == "parsing":
                 logits, maps = res
@@ -214,5 +236,5 @@ def export_scene_onnx(scene: UniHCPScene, path, image_size: tuple[int, int]) -> 
     return str(path)
 
 
-__all__ = ["BOX_PADDING", "NormalisedTask", "UniHCPScene", "crop_boxes", "expand_boxes", "export_scene_onnx",
-           "heatmap_peaks", "letterbox_geometry", "scene_from_tasks"]
+__all__ = ["BOX_PADDING", "NormalisedTask", "UniHCPScene", "crop_boxes", "crop_frame", "expand_boxes",
+           "export_scene_onnx", "heatmap_peaks", "letterbox_geometry", "sample_region", "scene_from_tasks"]
