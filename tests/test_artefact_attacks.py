@@ -195,6 +195,8 @@ CHECKPOINT_CASES = {
                                   "kwargs.base"),
     "quantize/base-include": (base_include, ["quantize", "--data", DATA, "--out", "{out}"], "includes no other file"),
     "predict/hub-backbone": (hub_backbone, ["predict", "--image", "{image}", "--out", "{out}"], "model.backbone"),
+    "export-unihcp_scene/hub-backbone": (hub_backbone, ["export", "--format", "unihcp_scene", "--out", "{out}"],
+                                         "model.backbone"),
     "adapt/base-include": (base_include, ["adapt", "--data", DATA, "--shots", "1", "--method", "knn",
                                           "--out", "{out}", "--cache", "{out}/cache", "--workers", "0"],
                            "includes no other file"),
