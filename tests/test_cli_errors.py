@@ -91,6 +91,12 @@ CASES = {
     "export: open_clip of a classifier": (
         ["export", "--checkpoint", "{cls}", "--format", "open_clip", "--out", "{root}/exp"],
         "--format open_clip needs a clip/declip checkpoint; this one is task 'classification'"),
+    "export: unihcp_scene of a classifier": (
+        ["export", "--checkpoint", "{cls}", "--format", "unihcp_scene", "--out", "{root}/exp"],
+        "no UniHCP task (unihcp_*) in this checkpoint"),
+    "export: unihcp_scene of size 0": (
+        ["export", "--checkpoint", "{cls}", "--format", "unihcp_scene", "--scene-size", "0", "720", "--out",
+         "{root}/exp"], "--scene-size 0 720 / --max-people 20: sizes and counts must be positive"),
     "export: unknown format": (
         ["export", "--checkpoint", "{cls}", "--format", "onnx", "--out", "{root}/exp"], "invalid choice: 'onnx'"),
     "quantize: bad method": (
