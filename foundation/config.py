@@ -429,9 +429,13 @@ class TaskEntry(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     num_classes: int | None = Field(None, gt=0)  # classification head size; None: the manifest's class count
     batch_size: int | None = Field(None, gt=0)  # per rank, per micro-batch; None: train.batch_size
+    # this task's micro-batches per micro-batch of train.grad_accum (UniHCP's release: a task's batch_accumulation);
+    # its loss is their mean, so its gradient is that of one batch grad_accum x as large
+    grad_accum: int = Field(1, ge=1)
     loss_weight: float = Field(1.0, ge=0)  # normalised over the tasks (mix, groups); the draw weight (sample)
     # a weight per sample (UniHCP's release): loss_weight becomes sample_weight x the task's images per step
-    # (batch_size x data.id_instances, x share under schedule groups), normalised over the tasks as loss_weight is
+    # (batch_size x grad_accum x data.id_instances, x share under schedule groups), normalised over the tasks as
+    # loss_weight is
     sample_weight: float | None = Field(None, ge=0)
     share: float | None = Field(None, gt=0, le=1)  # schedule groups: the fraction of ranks that own this task
     evals: list[str] | None = None  # keys of evaluation.EVALS on data.val; None: the task's default_evals
@@ -485,7 +489,8 @@ class Recipe(Section):
         for name, e in self.tasks.items():
             if e.sample_weight is not None:  # UniHCP's release: a weight per sample x the task's images per step
                 share = e.share if self.train.schedule == "groups" and e.share is not None else 1.0
-                weight = e.sample_weight * (e.batch_size or self.train.batch_size) * e.data.id_instances * share
+                weight = (e.sample_weight * (e.batch_size or self.train.batch_size) * e.grad_accum * e.data.id_instances
+                          * share)
                 if "loss_weight" in e.model_fields_set and abs(e.loss_weight - weight) > 1e-6 * max(weight, 1.0):
                     raise ValueError(f"tasks.{name}.loss_weight: set it or sample_weight, not both")
                 e.loss_weight = weight
@@ -503,6 +508,11 @@ class Recipe(Section):
                                  "gradient over all ranks; task parameters must be reduced within their group): "
                                  "use parallel.backend ddp, or schedule mix with DeepSpeed")
         deepspeed = self.parallel.backend == "deepspeed" or self.parallel.zero_stage or self.parallel.deepspeed_config
+        accumulating = [n for n, e in self.tasks.items() if e.grad_accum > 1]
+        if accumulating and deepspeed:
+            raise ValueError(f"tasks.{accumulating[0]}.grad_accum: a task's own accumulation is not available under "
+                             "DeepSpeed (its engine counts one micro-batch for all the tasks): use train.grad_accum, "
+                             "or parallel.backend ddp/fsdp2")
         if self.train.schedule == "sample" and len(self.tasks) > 1 and deepspeed:
             raise ValueError("train.schedule: sample is not available under DeepSpeed (ZeRO steps every parameter, so "
                              "the heads of the tasks not drawn still move by weight decay and momentum; torch's "

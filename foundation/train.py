@@ -414,28 +414,43 @@ def build_streams(recipe: Recipe, task: nn.Module, info: DistInfo, groups: TaskG
 # one step
 
 
-def micro_batches(run: Run, step: int) -> Iterator[dict]:
-    """The step's ``train.grad_accum`` micro-batches. With several tasks and a backend that accumulates
-    gradients itself (single, DDP, groups), each task's batch is its own micro-batch: its graph is freed by
-    its backward before the next task's forward (the same gradient as one backward of the weighted sum,
-    with one task's activations in memory at a time). DeepSpeed counts micro-batches itself: there all
-    the step's tasks go through one forward."""
-    for _ in range(run.recipe.train.grad_accum):
+def micro_batches(run: Run, step: int) -> Iterator[tuple[dict, int]]:
+    """The step's micro-batches, each with the number it is averaged over: ``train.grad_accum`` of them, and
+    with several tasks ``tasks.<name>.grad_accum`` of each task in each. With several tasks and a backend
+    that accumulates gradients itself (single, DDP, groups, FSDP2), each task's batch is its own micro-batch:
+    its graph is freed by its backward before the next task's forward (the same gradient as one backward of
+    the weighted sum, with one task's activations in memory at a time). DeepSpeed counts micro-batches
+    itself: there all the step's tasks go through one forward (and tasks accumulate nothing of their own)."""
+    accum = run.recipe.train.grad_accum
+    for _ in range(accum):
         batch = run.streams.next(step)
         if run.recipe.tasks is None or run.engine.is_deepspeed:
-            yield batch
-        else:
-            yield from ({name: task_batch} for name, task_batch in batch.items())
+            yield batch, accum
+            continue
+        for name, task_batch in batch.items():
+            own = run.recipe.tasks[name].grad_accum
+            yield {name: task_batch}, accum * own
+            for _ in range(own - 1):
+                yield {name: run.streams.next_of(name)}, accum * own
+
+
+def _padding_agreements(run: Run) -> int:
+    """Under ``groups`` a rank trains one task, and tasks may accumulate different numbers of micro-batches:
+    the ranks of the others join that many more finiteness agreements, so every rank runs as many."""
+    if run.groups is None or run.recipe.tasks is None:
+        return 0
+    most = max(e.grad_accum for e in run.recipe.tasks.values())
+    return (most - run.recipe.tasks[run.groups.task].grad_accum) * run.recipe.train.grad_accum
 
 
 def forward_backward(run: Run, step: int) -> tuple[dict[str, torch.Tensor], bool, dict | None]:
-    """``train.grad_accum`` micro-batches: fetch → forward → NaN/inf guard (all ranks agree) → backward.
+    """The step's micro-batches: fetch → forward → NaN/inf guard (all ranks agree) → backward.
     Returns the step's loss terms (averaged over micro-batches), whether it is dropped, and the bad terms."""
-    engine, accum = run.engine, run.recipe.train.grad_accum
+    engine = run.engine
     terms: dict[str, torch.Tensor] = {}
     dropped, bad_terms = False, None
     batches = list(micro_batches(run, step))
-    for micro, batch in enumerate(batches):
+    for micro, (batch, accum) in enumerate(batches):
         batch = to_device(batch, run.info.device)
         with engine.accumulating(last=micro == len(batches) - 1):
             with engine.autocast():
@@ -446,6 +461,8 @@ def forward_backward(run: Run, step: int) -> tuple[dict[str, torch.Tensor], bool
             engine.backward(out["loss"] if finite else None, accum, drop_step=dropped)
         for k, v in out.items():
             terms[k] = terms.get(k, 0.0) + v.detach().float() / accum  # each task's "loss" adds up to the sum
+    for _ in range(_padding_agreements(run)):
+        dropped = not engine.all_true(True) or dropped
     return terms, dropped, bad_terms
 
 
@@ -457,7 +474,7 @@ def step_samples(run: Run, step: int) -> dict[str, int]:
         return {"": batch * accum * world}
     sizes = run.groups.sizes if run.groups else {name: world for name in recipe.tasks}
     names = run.streams.tasks_at(step) if recipe.train.schedule == "sample" else list(recipe.tasks)
-    return {n: (recipe.tasks[n].batch_size or batch) * accum * sizes[n] for n in names}
+    return {n: (recipe.tasks[n].batch_size or batch) * recipe.tasks[n].grad_accum * accum * sizes[n] for n in names}
 
 
 # --------------------------------------------------------------------------------------------------

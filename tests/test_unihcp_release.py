@@ -26,8 +26,8 @@ def recipe():
 
 
 def _images_per_step(recipe, entry) -> float:
-    """A task's share of the images of one step, up to the world size (batch x K x share)."""
-    return (entry.batch_size or recipe.train.batch_size) * entry.data.id_instances * entry.share
+    """A task's share of the images of one step, up to the world size (batch x accumulated x K x share)."""
+    return (entry.batch_size or recipe.train.batch_size) * entry.grad_accum * entry.data.id_instances * entry.share
 
 
 def test_loss_balance_is_a_weight_per_sample(recipe):
@@ -160,12 +160,13 @@ def test_inputs_keep_the_released_aspect_ratios(recipe):
 
 
 def test_detection_inputs_are_the_released_per_image_sizes(recipe):
-    """Aspect kept, the release's short sides and cap, its crop branch, padding and batch per card; the per-task
-    accumulation (4) is the one value not reproduced (train.grad_accum is shared by every task)."""
+    """Aspect kept, the release's short sides and cap, its crop branch, padding, batch per card and this task's own
+    accumulation (the other tasks accumulate nothing)."""
     entry, r = recipe.tasks["detection"], RELEASE["detection_inputs"]
     rs = entry.data.resize
     assert (rs.short, rs.max_long, rs.eval_short, rs.multiple) == (
         r["train_short"], r["max_long"], r["eval_short"], r["pad_multiple"])
     assert (rs.crop_prob, rs.crop_short, list(rs.crop_size)) == (r["crop_prob"], r["crop_short"], r["crop_size"])
     assert entry.batch_size == r["batch_size"]
-    assert recipe.train.grad_accum == 1 != r["batch_accumulation"]
+    assert entry.grad_accum == r["batch_accumulation"] and recipe.train.grad_accum == 1
+    assert all(e.grad_accum == 1 for n, e in recipe.tasks.items() if n != "detection")

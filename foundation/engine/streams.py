@@ -72,7 +72,11 @@ class TaskStreams:
         return list(self.loaders)  # mix: every task; groups: the one loader this rank has
 
     def next(self, step: int) -> dict[str, dict]:
-        return {name: {**next(self._batches[name]), "task": name} for name in self.tasks_at(step)}
+        return {name: self.next_of(name) for name in self.tasks_at(step)}
+
+    def next_of(self, name: str) -> dict:
+        """One more batch of one task (its own accumulation, ``tasks.<name>.grad_accum``)."""
+        return {**next(self._batches[name]), "task": name}
 
     def position(self) -> dict[str, dict]:
         return {name: loader.position() for name, loader in self.loaders.items()}
