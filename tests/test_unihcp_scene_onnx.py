@@ -53,11 +53,13 @@ def _tasks() -> dict:
     return out
 
 
-def _scene(max_people: int = 20) -> UniHCPScene:
+def _scene(max_people: int = 20, shared: bool = False) -> UniHCPScene:
+    """Five tasks on their own random networks, or (``shared``) on one encoder and decoder, as a checkpoint's are."""
     from foundation.models.unihcp_export import UniHCPDeploy
 
     def wrap(kind: str, seed: int) -> NormalisedTask:
-        return NormalisedTask(UniHCPDeploy(_net(kind, seed), SIZES[kind]), IMAGENET_MEAN, IMAGENET_STD)
+        return NormalisedTask(UniHCPDeploy(_net(kind, 0 if shared else seed), SIZES[kind]), IMAGENET_MEAN,
+                              IMAGENET_STD)
 
     people = {k: wrap(k, i) for i, k in enumerate(("pose", "parsing", "attributes", "reid"))}
     return UniHCPScene(wrap("detection", 4), people, max_people=max_people)
@@ -149,6 +151,31 @@ def test_scene_graph_in_onnxruntime_equals_pytorch(tmp_path):
     margin = (crop[:, 2] - crop[:, 0])[:, None] / 23 * 2  # a heatmap cell (stride 2): the peak's quarter-pixel shift
     assert (kps[..., 0] >= crop[:, None, 0] - margin).all() and (kps[..., 0] <= crop[:, None, 2] + margin).all()
     torch.testing.assert_close(ref[names.index("reid.feature")].norm(dim=1), torch.ones(k))
+
+
+def test_scene_graph_stores_the_shared_network_once(tmp_path):
+    """Each task's deploy copies the shared encoder and decoder; the exporter keeps one of each equal
+    initializer (torch.onnx deduplicates them), so a ViT-B scene holds its encoder once, not five times."""
+    import onnx
+    from onnx import numpy_helper
+
+    from foundation.models.unihcp_scene import export_scene_onnx
+    from foundation.quant.onnx_export import ort_session
+
+    scene = _scene(shared=True)
+    path = export_scene_onnx(scene, tmp_path / "scene.onnx", SCENE)
+    inits = onnx.load(path).graph.initializer
+    contents = [(i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes()) for i in inits]
+    assert len(set(contents)) == len(contents)
+    copies = sum(p.numel() for p in scene.parameters())
+    stored = sum(numpy_helper.to_array(i).size for i in inits)
+    assert stored < 0.5 * copies, (stored, copies)
+    image = torch.rand(1, 3, *SCENE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = scene(image)
+    for name, a, b in zip(scene.output_names(), ref, ort_session(path).run(None, {"image": image.numpy()})):
+        if a.dtype != torch.bool:
+            torch.testing.assert_close(torch.from_numpy(b), a, rtol=RTOL, atol=ATOL, msg=name)
 
 
 def test_predict_scene_cli_equals_the_exported_graph(tmp_path, monkeypatch, capsys):
