@@ -38,6 +38,15 @@ class TopDownConfig(Section):
     scale_factor: float = Field(0.5, ge=0, lt=1)
     rot_factor: float = Field(40.0, ge=0)  # training: rotation clip(N(0, rf), -2 rf, 2 rf) degrees (rot_factor 40)
     rot_prob: float = Field(0.6, ge=0, le=1)  # ... applied with this probability (rot_prob's default 0.6)
+    # TopDownHalfBodyTransform(num_joints_half_body=8, prob_half_body=0.3): with more than this many visible joints,
+    # with this probability, the box of the upper or lower body's joints (their extent x 1.5) replaces the person's
+    half_body_joints: int = Field(8, ge=0)
+    half_body_prob: float = Field(0.3, ge=0, le=1)
+    half_body_padding: float = Field(1.5, gt=0)
+    # _xywh2cs in training: with this probability the centre moves by centre_shift x (U - 0.5) x (w, h), drawn once
+    # per person (the release draws it when the dataset is built)
+    centre_shift_prob: float = Field(0.3, ge=0, le=1)
+    centre_shift: float = Field(0.4, ge=0, lt=2)
 
 
 class AugmentConfig(Section):

@@ -79,8 +79,9 @@ def test_task_losses(recipe):
 
 
 def test_pose_crops_are_the_released_top_down_crops(recipe):
-    """Pose: the box grown to the input's aspect x 1.25, flipped / scaled / rotated with the released factors,
-    warped with UDP's matrix (``data.pose_crop: top_down`` and ``data.top_down``'s values)."""
+    """Pose: the box grown to the input's aspect x 1.25 (its centre shifted once per person), flipped / half-body /
+    scaled / rotated with the released factors, warped with UDP's matrix (``data.pose_crop: top_down`` and
+    ``data.top_down``'s values)."""
     from foundation.data.human_transforms import top_down_box
 
     data, r = recipe.tasks["pose"].data, RELEASE["pose_crop"]
@@ -90,6 +91,12 @@ def test_pose_crops_are_the_released_top_down_crops(recipe):
     td = data.top_down
     assert (td.padding, td.scale_factor, td.rot_factor, td.rot_prob, data.augment.hflip) == (
         r["padding"], r["scale_factor"], r["rot_factor"], r["rot_prob"], r["flip_prob"])
+    assert (td.half_body_prob, td.half_body_joints, td.half_body_padding, td.centre_shift_prob, td.centre_shift) == (
+        r["half_body_prob"], r["half_body_joints"], r["half_body_padding"], r["center_shift_prob"], r["center_shift"])
+    from foundation.data.human_transforms import upper_body_ids
+    from foundation.data.humans import COCO_KEYPOINTS
+
+    assert upper_body_ids(COCO_KEYPOINTS) == r["upper_body_ids"]
     # a tall 30 x 100 box: the width grows to 75 (3:4), then both x 1.25
     assert top_down_box([0, 0, 30, 100], r["aspect_wh"], td.padding)[2:] == (75 * r["padding"], 100 * r["padding"])
     for name, entry in recipe.tasks.items():  # the other tasks read their samples whole

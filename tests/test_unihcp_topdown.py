@@ -250,25 +250,29 @@ def test_pose_crop_is_validated_at_recipe_load():
 
 
 def test_converter_context_keeps_every_pixel_the_release_reads(tmp_path):
-    """coco_keypoints --pose-context 1.5: the top-down crop decoded from the shard (train jitter: scale, rotation,
-    flip) equals the one decoded from the whole source image with the box in source pixels, draw for draw."""
+    """coco_keypoints --pose-context 1.5: the top-down crop decoded from the shard (train jitter: centre shift,
+    half body, scale, rotation, flip) equals the one decoded from the whole source image with the box in source
+    pixels, draw for draw."""
     import argparse
 
     from foundation.data.cli import add_cli
     from foundation.data.shards import iter_raw_samples
 
     rng = np.random.default_rng(3)
-    src = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    src = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     (root / "val2017").mkdir()
     Image.fromarray(src).save(root / "val2017" / "000000000001.png")
-    box = [70.5, 30.0, 24.0, 50.0]
+    # a person with the arms out: the upper body's joints (COCO 0-10) span the box's width in its top 20 px, the
+    # lower body's a narrow column below; the upper half-body box (x 1.5) then reaches past the person's square
+    box = [150.5, 120.0, 60.0, 50.0]
     kps = []
-    for _ in range(17):
-        kps += [round(float(rng.uniform(box[0], box[0] + box[2])), 2),
-                round(float(rng.uniform(box[1], box[1] + box[3])), 2), 2]
-    coco = {"images": [{"id": 1, "file_name": "000000000001.png", "width": 160, "height": 120}],
+    for j in range(17):
+        x, y = ((rng.uniform(150.5, 210.5), rng.uniform(120, 140)) if j <= 10 else
+                (rng.uniform(170, 190), rng.uniform(150, 170)))
+        kps += [round(float(x), 2), round(float(y), 2), 2]
+    coco = {"images": [{"id": 1, "file_name": "000000000001.png", "width": 400, "height": 300}],
             "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": box, "area": 1000.0, "iscrowd": 0,
                              "num_keypoints": 17, "keypoints": kps}],
             "categories": [{"id": 1, "name": "person", "keypoints": COCO_KEYPOINTS, "skeleton": []}]}
@@ -281,20 +285,98 @@ def test_converter_context_keeps_every_pixel_the_release_reads(tmp_path):
     (shard,) = list(iter_raw_samples(str(tmp_path / "out"), "val"))
     labels = json.loads(shard["json"])
     x0, y0, x1, y1 = labels["crop"]
-    # 1.5 x the padded box's diagonal (78.1 px) about (82.5, 55), +1 px: cut to the image at the top only
-    assert labels["crop"] == [22, 0, 144, 116] and shard["png"] is not None
+    # the person's square: 1.5 x the padded box's diagonal (75 x 100 -> 125 px) about (180.5, 145), widened by the
+    # largest centre shift (0.2 x 60, 0.2 x 50), +1 px: [73, 41, 287, 249]
+    assert x0 <= 73 and y0 <= 41 and x1 >= 287 and y1 >= 249
+    # and each half-body box's square (its extent grown to 3:4, x 1.5), here wider than the person's
+    from foundation.data.human_transforms import half_body_box
+
+    points = np.array(kps, np.float64).reshape(17, 3)
+    reach = []
+    for choice in (0.0, 1.0):
+        cx, cy, w, h = half_body_box(points, list(range(11)), 0.75, 1.5, choice)
+        r = 1.5 * np.hypot(w, h) / 2
+        reach.append((cx - r, cy - r, cx + r, cy + r))
+        assert x0 <= np.floor(cx - r) and y0 <= np.floor(cy - r) and x1 >= np.ceil(cx + r) and y1 >= np.ceil(cy + r)
+    # the half body widens the cut: some half-body square leaves the person's square
+    assert any(a < 73 or b < 41 or c > 287 or d > 249 for a, b, c, d in reach)
+    assert x0 > 0 and y0 > 0 and x1 < 400 and y1 < 300 and shard["png"] is not None  # inside the image: a real cut
     whole = _sample(src, {j: kps[3 * j: 3 * j + 2] for j in range(17)}, box)
-    cfg = DataConfig(image_size=[64, 48], top_down={"rot_prob": 1.0}, **TOP_DOWN)
-    for seed in range(12):
-        outs = []
-        for sample in (shard, whole):
-            random.seed(seed)
-            np.random.seed(seed)
-            outs.append(decode_human_sample(sample, cfg, train=seed > 0))
-        a, b = outs
-        assert (a["image"] - b["image"]).abs().max() <= 2 / 255, seed  # cv2's 1/32-px fixed point may round apart
-        assert (a["image"] - b["image"]).abs().mean() < 1e-3, seed
-        assert torch.allclose(a["targets"]["keypoints"], b["targets"]["keypoints"], atol=1e-3), seed
+    whole["__key__"] = shard["__key__"]  # the centre shift is drawn once per person, from its key
+    for half_body in (0.3, 1.0):
+        cfg = DataConfig(image_size=[64, 48], top_down={"rot_prob": 1.0, "half_body_prob": half_body,
+                                                        "centre_shift_prob": 1.0}, **TOP_DOWN)
+        for seed in range(12):
+            outs = []
+            for sample in (shard, whole):
+                random.seed(seed)
+                np.random.seed(seed)
+                outs.append(decode_human_sample(sample, cfg, train=seed > 0))
+            a, b = outs
+            assert (a["image"] - b["image"]).abs().max() <= 2 / 255, seed  # cv2's 1/32-px fixed point may round apart
+            assert (a["image"] - b["image"]).abs().mean() < 1e-3, seed
+            assert torch.allclose(a["targets"]["keypoints"], b["targets"]["keypoints"], atol=1e-3), seed
+
+
+def test_half_body_crops_the_upper_or_lower_joints_as_released():
+    """With half_body_prob 1 and no other jitter, the crop is centred on the mean of the upper body's joints (COCO
+    0-10) or of the lower body's; the upper when a standard normal draw is < 0.5 (the release's randn, ~69 %)."""
+    from foundation.data.human_transforms import half_body_box, upper_body_ids
+
+    assert upper_body_ids(COCO_KEYPOINTS) == list(range(11))
+    mpii = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax", "upper_neck", "head_top",
+            "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
+    assert upper_body_ids(mpii) == list(range(7, 16))  # the release's MPII upper_body_ids
+    rng = np.random.default_rng(1)
+    pts = {j: (float(rng.uniform(40, 80)), float(rng.uniform(20, 60) if j <= 10 else rng.uniform(70, 110)))
+           for j in range(17)}
+    sample = _sample(np.zeros((140, 120, 3), np.uint8), pts, [40, 20, 40, 90])
+    points = np.array([pts[j] for j in range(17)])
+    upper, lower = points[:11].mean(0), points[11:].mean(0)
+    cfg = DataConfig(image_size=[64, 48], augment={"hflip": 0.0}, top_down={
+        "half_body_prob": 1.0, "scale_factor": 0.0, "rot_prob": 0.0, "centre_shift_prob": 0.0}, **TOP_DOWN)
+    picks = []
+    for seed in range(300):
+        np.random.seed(seed)
+        m = decode_human_sample(sample, cfg, train=True)["targets"]["affine"].numpy()
+        centre = invert_affine(m)[:, :2] @ np.array([23.5, 31.5]) + invert_affine(m)[:, 2]
+        is_upper = np.allclose(centre, upper, atol=1e-6)
+        assert is_upper or np.allclose(centre, lower, atol=1e-6), seed
+        picks.append(is_upper)
+    assert 0.6 < np.mean(picks) < 0.78  # P(N(0, 1) < 0.5) = 0.69
+    # the upper crop's size: the joints' extent grown to 3:4, x 1.5
+    cx, cy, w, h = half_body_box(np.c_[points, np.full(17, 2.0)], list(range(11)), 0.75, 1.5, 0.0)
+    ext = points[:11].max(0) - points[:11].min(0)
+    assert (w / 1.5, h / 1.5) == pytest.approx((max(ext[0], 0.75 * ext[1]), max(ext[1], ext[0] / 0.75)))
+    # eight visible joints or fewer: never a half body
+    few = _sample(np.zeros((140, 120, 3), np.uint8), {j: pts[j] for j in range(8)}, [40, 20, 40, 90])
+    full = decode_human_sample(few, cfg, train=False)["targets"]["affine"].numpy()
+    np.random.seed(0)
+    assert np.allclose(decode_human_sample(few, cfg, train=True)["targets"]["affine"].numpy(), full)
+
+
+def test_centre_shift_is_drawn_once_per_person():
+    """The release's build-time centre shift: a person keeps one shift (from its key) for every draw; about 30 % of
+    people are shifted, by at most 0.2 x (w, h); evaluation never shifts."""
+    from foundation.data.human_transforms import centre_shift
+
+    box = [0, 0, 50, 100]
+    shifts = np.array([centre_shift(f"p{i}", box, 0.3, 0.4) for i in range(2000)])
+    moved = np.abs(shifts).sum(1) > 0
+    assert 0.26 < moved.mean() < 0.34
+    assert np.abs(shifts[:, 0]).max() <= 10 and np.abs(shifts[:, 1]).max() <= 20 and np.abs(shifts[:, 1]).max() > 15
+    assert centre_shift("p3", box, 0.3, 0.4) == centre_shift("p3", box, 0.3, 0.4)
+    key = next(f"p{i}" for i in range(2000) if moved[i])
+    sample = _sample(np.zeros((140, 120, 3), np.uint8), {0: (50, 50)}, [30, 20, 40, 90])
+    sample["__key__"] = key
+    cfg = DataConfig(image_size=[64, 48], augment={"hflip": 0.0}, top_down={
+        "half_body_prob": 0.0, "scale_factor": 0.0, "rot_prob": 0.0}, **TOP_DOWN)
+    base = decode_human_sample(sample, cfg, train=False)["targets"]["affine"].numpy()
+    dx, dy = centre_shift(key, [30, 20, 40, 90], 0.3, 0.4)
+    for seed in range(3):  # the same shift on every draw
+        np.random.seed(seed)
+        m = decode_human_sample(sample, cfg, train=True)["targets"]["affine"].numpy()
+        assert np.allclose(m[:, :2], base[:, :2]) and np.allclose(m[:, 2], base[:, 2] - base[:, :2] @ [dx, dy])
 
 
 def test_training_crop_and_the_scene_pipeline_crop_agree():

@@ -30,7 +30,8 @@ plus ``scale`` and ``offset`` (the affine map), ``size`` (source H, W) and ``kin
 
 Pose with ``data.pose_crop: top_down`` is cropped as UniHCP's release crops it (mmpose's top-down pipeline with
 UDP, ``core/data/datasets/images/pos_dataset_dev.py``): ``top_down_box`` grows the person box to the input's
-aspect and pads it ×1.25; training flips the source (p = ``data.augment.hflip``), scales the box by
+aspect and pads it ×1.25; training shifts its centre once per person (``centre_shift``), flips the source
+(p = ``data.augment.hflip``), crops the half body with p 0.3 (``half_body_box``), scales the box by
 clip(N(1, 0.5), 0.5, 1.5) and, with probability 0.6, rotates by clip(N(0, 40), -80, 80) degrees
 (``data.top_down``); ``top_down_matrix`` then warps the source into ``data.image_size`` in one bilinear
 ``cv2.warpAffine`` (black outside the source). No letterbox bars: the crop has the input's aspect. ``collate_targets``
@@ -43,6 +44,7 @@ import functools
 import io
 import json
 import random
+import zlib
 
 import numpy as np
 import torch
@@ -216,6 +218,48 @@ def top_down_box(box_xywh, aspect_wh: float, padding: float = 1.25) -> tuple[flo
     return cx, cy, w * padding, h * padding
 
 
+UPPER_BODY_PARTS = ("nose", "eye", "ear", "shoulder", "elbow", "wrist", "head", "neck", "thorax")
+
+
+def upper_body_ids(names) -> list[int]:
+    """The joints of the half-body crop's upper half, by name: COCO's 0-10 (face, shoulders, elbows, wrists) and
+    MPII's 7-15 (thorax, neck, head, shoulders, elbows, wrists), the release's ``upper_body_ids``."""
+    return [i for i, n in enumerate(names) if any(part in str(n).lower() for part in UPPER_BODY_PARTS)]
+
+
+def half_body_box(kps: np.ndarray, upper: list[int], aspect_wh: float, padding: float,
+                  choice: float) -> tuple[float, float, float, float] | None:
+    """mmpose's ``TopDownHalfBodyTransform.half_body_transform`` (UniHCP ``pose_transforms.py``): the visible
+    joints of the upper body when ``choice`` (a standard normal draw, as released) < 0.5 and more than two are
+    visible, else of the lower body if more than two are, else the upper; ``(cx, cy, w, h)``: their mean, their
+    extent grown to ``aspect_wh`` and × ``padding`` (1.5). None with fewer than two joints."""
+    visible = kps[:, 2] > 0
+    up = [i for i in range(len(kps)) if visible[i] and i in upper]
+    low = [i for i in range(len(kps)) if visible[i] and i not in upper]
+    selected = up if (choice < 0.5 and len(up) > 2) or len(low) <= 2 else low
+    if len(selected) < 2:
+        return None
+    pts = kps[selected, :2]
+    cx, cy = pts.mean(0)
+    w, h = pts.max(0) - pts.min(0)
+    if w > aspect_wh * h:
+        h = w / aspect_wh
+    elif w < aspect_wh * h:
+        w = h * aspect_wh
+    return float(cx), float(cy), float(w * padding), float(h * padding)
+
+
+def centre_shift(key: str, box_xywh, prob: float, extent: float) -> tuple[float, float]:
+    """The release's ``_xywh2cs`` training shift of the box centre, drawn once per person when its dataset is
+    built (not per epoch): with probability ``prob`` by ``extent`` × (U(0, 1) - 0.5) × (w, h). Here drawn from the
+    sample's key, so a person keeps one shift for the whole run and across resumes."""
+    rng = np.random.default_rng(zlib.crc32(str(key).encode()))
+    if prob <= 0 or rng.random() >= prob:
+        return 0.0, 0.0
+    dx, dy = extent * (rng.random(2) - 0.5)
+    return float(dx * box_xywh[2]), float(dy * box_xywh[3])
+
+
 def top_down_matrix(center: tuple[float, float], size_wh: tuple[float, float], out_hw: tuple[int, int],
                     rotation: float = 0.0) -> np.ndarray:
     """(2, 3) float64: source pixel centres → input pixel centres for the crop of ``size_wh`` about ``center``,
@@ -260,7 +304,15 @@ def _top_down_pose(sample: dict, img: Image.Image, cfg: DataConfig, train: bool,
     flip_src = np.array([[1.0, 0, 0], [0, 1, 0]])
     rotation = 0.0
     flip = train and random.random() < cfg.augment.hflip
-    if train:  # the release's order: flip the source (and the centre), then scale and rotation
+    if train:  # the release's order: the build-time centre shift; flip the source (and the centre), half body,
+        # then scale and rotation (the half-body box is taken before mirroring its centre: the same box)
+        dx, dy = centre_shift(sample.get("__key__", ""), box, td.centre_shift_prob, td.centre_shift)
+        cx, cy = cx + dx, cy + dy
+        names = info.get("keypoint_names") or (COCO_KEYPOINTS if len(kps) == 17 else ())
+        if (kps[:, 2] > 0).sum() > td.half_body_joints and np.random.rand() < td.half_body_prob:
+            half = half_body_box(kps, upper_body_ids(names), tw / th, td.half_body_padding, np.random.randn())
+            if half is not None:
+                cx, cy, bw, bh = half
         if flip:
             flip_src = np.array([[-1.0, 0, w - 1], [0, 1, 0]])  # fliplr_joints: x -> width - 1 - x
             cx = w - 1 - cx
@@ -464,4 +516,4 @@ def collate_targets(items: list[dict]) -> dict:
 
 
 __all__ = ["HumanDecodeError", "affine_points", "collate_targets", "decode_human_sample", "invert_affine",
-           "top_down_box", "top_down_matrix", "letterbox_image", "pad_images"]
+           "top_down_box", "top_down_matrix", "half_body_box", "centre_shift", "upper_body_ids", "letterbox_image", "pad_images"]

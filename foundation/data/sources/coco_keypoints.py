@@ -8,8 +8,9 @@ Each person annotation becomes one sample, cropped as top-down pose estimators d
 ``_box2cs``): the box is widened or heightened to the input aspect ratio (3:4 by default) about its
 centre, then scaled by 1.25. The crop keeps the source's pixels (no resize; outside the image is
 black); keypoints and box are moved into the crop. ``--pose-context F`` (F > 0) keeps more: the square
-about the box's centre with side F × the padded box's diagonal, cut to the image: every source pixel that
-the released training jitter (``data.pose_crop: top_down``: box × up to 1.5, any rotation) reads, so the
+about the box's centre with side F × the padded box's diagonal, widened by the largest centre shift and
+joined with the same square about each half-body box (``context_region``), cut to the image: every source
+pixel that the released training jitter (``data.pose_crop: top_down``: box × up to 1.5, any rotation) reads, so the
 top-down crop made from the shard equals the one made from the source image (F = 1.5). A letterbox recipe
 wants F = 0 (the person fills the crop). Crowd annotations and people without labelled keypoints are left
 out, as in training (counted in the manifest's ``source``). A box with a non-positive size, keypoints outside
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from foundation.data import DataError
+from foundation.data.human_transforms import upper_body_ids
 from foundation.data.humans import COCO_KEYPOINTS, COCO_SIGMAS, json_entry, pose_task
 from foundation.data.sources.base import BuildOptions, Plan, Skip, sanitize_key
 
@@ -48,16 +50,30 @@ def crop_region(box: list[float], aspect_ratio: float = ASPECT_RATIO, padding: f
     return [x0, y0, x0 + max(1, int(round(w))), y0 + max(1, int(round(h)))]
 
 
-def context_region(box: list[float], context: float, image_wh: tuple[int, int]) -> list[int]:
-    """[x0, y0, x1, y1] inside the image: the square about the top-down box's centre whose side is ``context`` ×
-    the padded box's diagonal (any rotation of the box scaled by up to ``context`` stays inside), plus a pixel
-    for the bilinear neighbours, cut to the image (outside it the warp reads black either way)."""
-    from foundation.data.human_transforms import top_down_box
+def context_region(box: list[float], context: float, image_wh: tuple[int, int],
+                   kps: np.ndarray | None = None, upper: list[int] = ()) -> list[int]:
+    """[x0, y0, x1, y1] inside the image: every pixel the released training crop can read, for jitter up to
+    ``context`` (the box scaled by up to ``context``, any rotation: a square about a crop's centre whose side is
+    ``context`` × its diagonal). The crops: the top-down box with its centre shifted by up to ± half
+    ``centre_shift`` × (w, h), and, given the keypoints, the half-body boxes of the upper body (``upper``: its
+    joints' indices) and of the lower body.
+    Plus a pixel for the bilinear neighbours, cut to the image (outside it the warp reads black either way)."""
+    from foundation.config import TopDownConfig
+    from foundation.data.human_transforms import half_body_box, top_down_box
 
+    td = TopDownConfig()
     cx, cy, w, h = top_down_box(box, ASPECT_RATIO, PADDING)
     half = context * float(np.hypot(w, h)) / 2
-    x0, y0 = int(np.floor(cx - half)) - 1, int(np.floor(cy - half)) - 1
-    x1, y1 = int(np.ceil(cx + half)) + 2, int(np.ceil(cy + half)) + 2
+    sx, sy = td.centre_shift / 2 * box[2], td.centre_shift / 2 * box[3]
+    x0, y0, x1, y1 = cx - half - sx, cy - half - sy, cx + half + sx, cy + half + sy
+    if kps is not None and (kps[:, 2] > 0).sum() > td.half_body_joints:
+        for choice in (0.0, 1.0):  # the upper body's box, then the lower's (or the upper's again)
+            part = half_body_box(kps, upper, ASPECT_RATIO, td.half_body_padding, choice)
+            if part is not None:
+                px, py, pw, ph = part
+                r = context * float(np.hypot(pw, ph)) / 2
+                x0, y0, x1, y1 = min(x0, px - r), min(y0, py - r), max(x1, px + r), max(y1, py + r)
+    x0, y0, x1, y1 = int(np.floor(x0)) - 1, int(np.floor(y0)) - 1, int(np.ceil(x1)) + 2, int(np.ceil(y1)) + 2
     return [max(x0, 0), max(y0, 0), min(x1, image_wh[0]), min(y1, image_wh[1])]
 
 
@@ -118,6 +134,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
         names = list(cat["keypoints"])
         skeleton = [[a - 1, b - 1] for a, b in cat.get("skeleton", [])]  # COCO's skeleton is 1-based
         these = pose_task(names, skeleton, COCO_SIGMAS if names == COCO_KEYPOINTS else None)
+        upper = upper_body_ids(names)
         if info is not None and these != info:
             raise DataError(f"{ann}: keypoint names differ from the other annotation files'")
         info = these
@@ -137,7 +154,7 @@ def plan(src: Path, opts: BuildOptions) -> Plan:
             key = f"{len(tasks):08d}_{sanitize_key(Path(file_name).stem)}_{ann_id}"
             tasks.append({"key": key, "path": str(root / file_name), "ann": str(ann), "box": a.get("bbox"),
                           "keypoints": a.get("keypoints"), "num_names": len(names), "image_id": a.get("image_id"),
-                          "area": a.get("area"), "context": opts.pose_context,
+                          "area": a.get("area"), "context": opts.pose_context, "upper_body": upper,
                           "id": ann_id, "size": [img.get("width"), img.get("height")]})
     return Plan(splits, encode, None, {"format": "coco_keypoints", "path": str(src.resolve()), "filtered": filtered},
                 manifest_extra={"human_task": info})
@@ -171,7 +188,8 @@ def encode(task: dict) -> dict:
     xy = kps[labelled, :2]
     if ((xy < 0) | (xy > [w, h])).any():
         raise Skip(f"{where}: keypoints outside the {w}x{h} image")
-    region = context_region(box, task["context"], (w, h)) if task.get("context") else crop_region(box)
+    region = (context_region(box, task["context"], (w, h), kps, task.get("upper_body", ())) if task.get("context")
+              else crop_region(box))
     crop = crop_pixels(image, region)
     kps[labelled, :2] -= region[:2]
     buf = io.BytesIO()
