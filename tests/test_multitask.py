@@ -72,9 +72,11 @@ def two_tasks(digits: Path, parity: Path, root: Path, name: str, schedule: str =
     return base
 
 
-def run_driver(recipe: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_driver(recipe: Path, *extra: str, env_extra: dict | None = None, ranks: int = 0) -> subprocess.CompletedProcess:
+    """``tests/train_driver.py RECIPE`` in one process, or under ``torchrun --standalone`` with ``ranks`` ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([PYTHON, str(REPO / "tests" / "train_driver.py"), str(recipe), *extra],
+    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}"] if ranks else [PYTHON]
+    return subprocess.run([*launcher, str(REPO / "tests" / "train_driver.py"), str(recipe), *extra],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
@@ -174,10 +176,7 @@ def test_groups_on_two_ranks_equals_mix_on_one_process(digits_shards, parity_sha
     groups["tasks"]["parity"]["batch_size"] = mix["tasks"]["parity"]["batch_size"] = 16
     a = run_driver(write_recipe(tmp_path / "mix.yaml", mix))
     assert a.returncode == 0, a.stderr[-3000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    b = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "train_driver.py"),
-                        str(write_recipe(tmp_path / "groups.yaml", groups))],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    b = run_driver(write_recipe(tmp_path / "groups.yaml", groups), ranks=2)
     assert b.returncode == 0, b.stderr[-5000:]
     wa = load_file(str(tmp_path / "mix/checkpoints/step_6/model.safetensors"))
     wb = load_file(str(tmp_path / "groups/checkpoints/step_6/model.safetensors"))

@@ -5,15 +5,12 @@ tasks' ranks join as many agreements, so nothing waits; DeepSpeed refuses it at 
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics, write_recipe
+from conftest import read_metrics, write_recipe
 from foundation.config import RecipeError, validate
-from test_multitask import TORCHRUN, VIT, parity_shards, run_driver, two_tasks  # noqa: F401 (a fixture)
+from test_multitask import VIT, parity_shards, run_driver, two_tasks  # noqa: F401 (a fixture)
 
 SECTIONS = dict(steps=3, log_every=1, eval_batches=1, clip_grad=0.5)
 
@@ -71,10 +68,7 @@ def test_groups_with_one_accumulating_task_equals_one_process(digits_shards, par
     _, parts = _pair(digits_shards, parity_shards, tmp_path, "groups")
     r = run_driver(write_recipe(tmp_path / "whole.yaml", whole))
     assert r.returncode == 0, r.stderr[-3000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    b = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "train_driver.py"),
-                        str(write_recipe(tmp_path / "parts.yaml", parts))],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    b = run_driver(write_recipe(tmp_path / "parts.yaml", parts), ranks=2)
     assert b.returncode == 0, b.stderr[-5000:]
     _weights_equal(tmp_path / "ref/whole/checkpoints/step_3/model.safetensors",
                    tmp_path / "parts/checkpoints/step_3/model.safetensors")

@@ -9,29 +9,19 @@ import json
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
-from foundation.models.unihcp import UniHCPNet, UniHCPShared
 from foundation.models.unihcp_scene import (BOX_PADDING, IMAGENET_MEAN, IMAGENET_STD, NormalisedTask, UniHCPScene,
                                             crop_boxes, expand_boxes, letterbox_geometry, sample_region)
+from test_unihcp_deploy import _net  # the same random tiny networks
 
-KINDS = {"pose": 17, "parsing": 5, "attributes": 7, "reid": 3, "detection": 8}
 # each task at its own input, the encoders' position grids resampled to it (as the release's are)
 SIZES = {"detection": (32, 48), "pose": (32, 24), "parsing": (32, 32), "attributes": (32, 16), "reid": (32, 16)}
 SCENE = (90, 160)  # (H, W)
 # FP32 onnxruntime vs PyTorch: scene-pixel outputs (boxes, keypoints ~100 px) relative, the rest ~1 absolute;
 # measured: boxes / keypoints 1.5e-5 px, parsing probabilities 2.4e-6, attribute logits 3.3e-6, ReID 1.3e-6
 RTOL, ATOL = 1e-5, 1e-4
-
-
-def _net(kind: str, seed: int = 0) -> UniHCPNet:
-    torch.manual_seed(seed)
-    enc = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
-    shared = UniHCPShared(32, width=32, layers=2, heads=2, ffn=64, neck_norm="groupnorm")
-    return UniHCPNet(kind, enc, shared, KINDS[kind], num_ids=5, det_patterns=2).eval()
 
 
 def _tasks() -> dict:
