@@ -4,10 +4,10 @@ good as layer-wise AdaRound, and both far above round-to-nearest, with a CPU-siz
 What this guards: the papers' learning rates (rounding 1e-3, LSQ steps 4e-5) are set for 20,000
 iterations. Used unchanged with a few hundred, the rounding variables hardly move, the rounding is still
 undecided when it is made hard (h ≈ the fractional part, so hard rounding = round to nearest), and
-AdaRound/BRECQ land near or below RTN with BRECQ below AdaRound. The rounding rate is therefore scaled by
-``lr_reference_iters / iters`` (docs/quantization.md has the measurements) — and only the rounding rate: the
-LSQ activation step sizes keep their absolute rate (issue 24 reported BRECQ 12 points below AdaRound at W3A3
-on a ResNet-18 with the scaled rate; a re-measurement did not reproduce it — docs/quantization.md)."""
+AdaRound/BRECQ land near or below RTN with BRECQ below AdaRound. Both rates are therefore scaled by
+``lr_reference_iters / iters`` (docs/quantization.md has the measurements). Issue 24 suspected the scaled LSQ
+rate of BRECQ's W3A3 collapse on a ResNet-18; over 3 seeds on a digits ResNet-18 the scaled rate was the
+better one (docs/quantization.md, *Activation step sizes at 3 bits*), so it is kept."""
 
 from __future__ import annotations
 
@@ -86,10 +86,11 @@ def test_brecq_at_least_adaround_at_w2a4(digits):
         assert sum(undecided) / len(undecided) < 0.3, undecided
 
 
-def test_activation_step_sizes_keep_the_absolute_learning_rate(digits):
-    """Only the rounding rate is scaled to the iteration budget. Adam moves a parameter by at most about its
-    rate per step, so after ``iters`` steps at ``a_lr`` no activation step size is more than ``iters * a_lr``
-    from its calibrated value (scaled 100x, as before the fix, they moved up to 100x further)."""
+def test_activation_step_sizes_follow_the_scaled_learning_rate(digits):
+    """The LSQ step sizes' rate is scaled to the iteration budget like the rounding's. Adam moves a parameter
+    by at most about its rate per step, so after ``iters`` steps no activation step size is more than
+    ``iters * a_lr * lr_scale`` from its calibrated value; and some moved more than ``iters * a_lr``, which
+    the unscaled rate cannot do (with ``a_lr`` absolute every step size stayed within it)."""
     from foundation.quant import METHODS
     from foundation.quant.calibrate import calibrate
     from foundation.quant.modules import quantizers
@@ -99,23 +100,25 @@ def test_activation_step_sizes_keep_the_absolute_learning_rate(digits):
     iters = 12
     cfg = QuantConfig(method="brecq", wbits=3, abits=3, calib_images=64, batch_size=64,
                       reconstruction={"iters": iters, "batch_size": 32})
-    assert lr_scale(cfg.reconstruction) == 100.0  # the rounding's rate is scaled...
+    scale = lr_scale(cfg.reconstruction)
+    assert scale == 100.0
     qmodel, fp, _ = prepare(model, calib[:2], cfg)
     calibrate(qmodel, calib[:64], 64)
     acts = {n: q for n, q in quantizers(qmodel) if q.role == "act" and q.enabled and q.ready}
     before = {n: q.scale.detach().clone() for n, q in acts.items()}
     METHODS["brecq"](qmodel, fp, calib[:64], cfg)
     moved = {n: (q.scale.detach() - before[n]).abs().max().item() for n, q in acts.items()}
-    assert max(moved.values()) > 0  # the step sizes were learned...
-    bound = 1.05 * iters * cfg.reconstruction.a_lr  # ...at the absolute rate
+    unscaled = iters * cfg.reconstruction.a_lr
+    assert max(moved.values()) > 2.0 * unscaled, moved  # the scaled rate reached the step sizes...
+    bound = 1.05 * unscaled * scale  # ...and nothing moved faster than it allows
     assert max(moved.values()) <= bound, {n: m for n, m in moved.items() if m > bound}
 
 
 @pytest.mark.slow
 def test_brecq_close_to_adaround_at_w3a3(digits):
     """W3A3 (first/last layer 8 bit) at the CPU budget: BRECQ within 2 points of AdaRound (or above), both far
-    above RTN. Measured on this model at 100 iterations: FP 96.98, RTN 46.85, AdaRound 88.16, BRECQ 91.18,
-    QDrop 93.45 (~6 s per method)."""
+    above RTN. Measured on this model at 100 iterations, a_lr scaled: FP 95.97, RTN 35.26, AdaRound 86.65,
+    BRECQ 90.93 (~6 s per method)."""
     model, calib, x, y = digits
     rtn = top1(w2a4(model, calib, "rtn", 3, 3)[0], x, y)
     ada = top1(w2a4(model, calib, "adaround", 3, 3)[0], x, y)

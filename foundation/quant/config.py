@@ -80,13 +80,12 @@ class ReconstructionConfig(Section):
     beta_start: float = Field(20.0, gt=0.0)
     beta_end: float = Field(2.0, gt=0.0)
     w_lr: float = Field(1e-3, gt=0.0)  # Adam on the rounding variables V (at lr_reference_iters)
-    a_lr: float = Field(4e-5, gt=0.0)  # Adam on activation step sizes (LSQ), cosine-annealed; absolute (never scaled)
-    # The papers' rounding rate goes with their 20,000 iterations: Adam moves a parameter about lr per
-    # step, so with fewer iterations w_lr is multiplied by lr_reference_iters / iters (at most 100x),
-    # keeping the distance V can travel (~20) — otherwise the rounding never leaves its start and the
-    # final hard rounding is round-to-nearest. a_lr is not scaled: a step size only has to move a few
-    # percent, and scaled it drifted far from calibration at 3-bit activations (brecq.lr_scale).
-    # null: use w_lr as given.
+    a_lr: float = Field(4e-5, gt=0.0)  # Adam on activation step sizes (LSQ), cosine-annealed (at lr_reference_iters)
+    # The papers' learning rates go with their 20,000 iterations: Adam moves a parameter about lr per
+    # step, so with fewer iterations both rates are multiplied by lr_reference_iters / iters (at most
+    # 100x), keeping the distance V can travel (~20) — otherwise the rounding never leaves its start and
+    # the final hard rounding is round-to-nearest. (a_lr absolute was tried for W3A3 and was worse over
+    # 3 seeds: brecq.lr_scale.) null: use w_lr and a_lr as given.
     lr_reference_iters: int | None = Field(20000, ge=1)
     quant_prob: float = Field(0.5, ge=0.0, le=1.0)  # QDrop: probability an activation element is quantized
     learn_act_scale: bool = True  # BRECQ/QDrop learn activation step sizes; AdaRound never does
