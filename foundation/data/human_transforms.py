@@ -211,11 +211,18 @@ def top_down_box(box_xywh, aspect_wh: float, padding: float = 1.25) -> tuple[flo
     its ÷ 200 ``pixel_std``."""
     x, y, w, h = (float(v) for v in box_xywh)
     cx, cy = x + w * 0.5, y + h * 0.5
-    if w > aspect_wh * h:
-        h = w / aspect_wh
-    elif w < aspect_wh * h:
-        w = h * aspect_wh
+    w, h = grow_to_aspect(w, h, aspect_wh)
     return cx, cy, w * padding, h * padding
+
+
+def grow_to_aspect(w: float, h: float, aspect_wh: float) -> tuple[float, float]:
+    """The side that is short for ``aspect_wh`` (width / height) grown so that ``w / h == aspect_wh`` (mmpose's
+    ``_xywh2cs`` and ``half_body_transform``); a box already at that aspect is kept."""
+    if w > aspect_wh * h:
+        return w, w / aspect_wh
+    if w < aspect_wh * h:
+        return h * aspect_wh, h
+    return w, h
 
 
 UPPER_BODY_PARTS = ("nose", "eye", "ear", "shoulder", "elbow", "wrist", "head", "neck", "thorax")
@@ -241,12 +248,8 @@ def half_body_box(kps: np.ndarray, upper: list[int], aspect_wh: float, padding: 
         return None
     pts = kps[selected, :2]
     cx, cy = pts.mean(0)
-    w, h = pts.max(0) - pts.min(0)
-    if w > aspect_wh * h:
-        h = w / aspect_wh
-    elif w < aspect_wh * h:
-        w = h * aspect_wh
-    return float(cx), float(cy), float(w * padding), float(h * padding)
+    w, h = grow_to_aspect(*(float(v) for v in pts.max(0) - pts.min(0)), aspect_wh)
+    return float(cx), float(cy), w * padding, h * padding
 
 
 def centre_shift(key: str, box_xywh, prob: float, extent: float) -> tuple[float, float]:

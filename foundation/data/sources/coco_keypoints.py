@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from foundation.config import TopDownConfig
 from foundation.data import DataError
-from foundation.data.human_transforms import upper_body_ids
+from foundation.data.human_transforms import half_body_box, top_down_box, upper_body_ids
 from foundation.data.humans import COCO_KEYPOINTS, COCO_SIGMAS, json_entry, pose_task
 from foundation.data.sources.base import BuildOptions, Plan, Skip, sanitize_key
 
@@ -39,13 +40,7 @@ PADDING = 1.25
 
 def crop_region(box: list[float], aspect_ratio: float = ASPECT_RATIO, padding: float = PADDING) -> list[int]:
     """[x0, y0, x1, y1] (integers, may reach outside the image) of the top-down crop of an xywh box."""
-    x, y, w, h = box
-    cx, cy = x + w / 2, y + h / 2
-    if w > aspect_ratio * h:
-        h = w / aspect_ratio
-    else:
-        w = h * aspect_ratio
-    w, h = w * padding, h * padding
+    cx, cy, w, h = top_down_box(box, aspect_ratio, padding)
     x0, y0 = int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2))
     return [x0, y0, x0 + max(1, int(round(w))), y0 + max(1, int(round(h)))]
 
@@ -58,9 +53,6 @@ def context_region(box: list[float], context: float, image_wh: tuple[int, int],
     ``centre_shift`` × (w, h), and, given the keypoints, the half-body boxes of the upper body (``upper``: its
     joints' indices) and of the lower body.
     Plus a pixel for the bilinear neighbours, cut to the image (outside it the warp reads black either way)."""
-    from foundation.config import TopDownConfig
-    from foundation.data.human_transforms import half_body_box, top_down_box
-
     td = TopDownConfig()
     cx, cy, w, h = top_down_box(box, ASPECT_RATIO, PADDING)
     half = context * float(np.hypot(w, h)) / 2
